@@ -1,0 +1,44 @@
+"""Mini-batches from any Dataset, slicing tensors directly when the data is tensor-backed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from fedlearn.data.arrays import as_tensors
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def iter_batches(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> Iterator[Batch]:
+    """Yield (inputs, labels) batches on ``device``; the order is fixed by ``generator``.
+
+    Tensor-backed datasets are shuffled with one ``randperm`` and indexed, which is what a
+    hand-written PyTorch loop does; other datasets (e.g. torchvision with transforms) go
+    through a single-process DataLoader using the same generator.
+    """
+    tensors = as_tensors(dataset)
+    if tensors is not None:
+        x, y = tensors
+        n = y.shape[0]
+        order = torch.randperm(n, generator=generator) if shuffle else None
+        for start in range(0, n, batch_size):
+            if order is None:
+                xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+            else:
+                idx = order[start : start + batch_size]
+                xb, yb = x[idx], y[idx]
+            yield xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+        return
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+    for xb, yb in loader:
+        yield xb.to(device, non_blocking=True), torch.as_tensor(yb).reshape(-1).long().to(device, non_blocking=True)

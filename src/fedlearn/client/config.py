@@ -1,0 +1,34 @@
+"""The local-training hyper-parameters a TrainTask carries, parsed from the task's plain config."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class LocalConfig:
+    """What a client needs to run its local work for one round.
+
+    ``mode`` is ``"delta"`` (train ``local_epochs`` epochs and return new - global, FedAvg and
+    FedProx) or ``"gradient"`` (return one full-batch gradient at the global weights, FedSGD).
+    ``mu`` is FedProx's proximal coefficient; 0 disables the term.
+    """
+
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.01
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    mu: float = 0.0
+    mode: str = "delta"
+    seed: int = 0
+    eval_batch_size: int = 512
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LocalConfig:
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**known)

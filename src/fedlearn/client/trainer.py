@@ -1,0 +1,113 @@
+"""Local training and evaluation on one reused model: the client side of every round."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from fedlearn.client.batches import iter_batches
+from fedlearn.client.config import LocalConfig
+from fedlearn.client.data import ClientData
+from fedlearn.errors import DataError
+from fedlearn.protocol.messages import EvalResult, EvalTask, TrainResult, TrainTask
+from fedlearn.protocol.params import ModelVector
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` or ``"auto"`` picks CUDA when present, else the CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class LocalTrainer:
+    """Runs any client's local work on one model instance, so memory does not grow with clients."""
+
+    def __init__(self, model: nn.Module, device: str | torch.device | None = None) -> None:
+        self.device = resolve_device(device)
+        self.model = model.to(self.device)
+        self.vector = ModelVector(self.model)
+        self._params = [p for p in self.model.parameters() if p.requires_grad]
+
+    def fit(self, task: TrainTask, data: ClientData) -> TrainResult:
+        """Answer a TrainTask: an update (``delta`` mode) or a full-batch gradient (``gradient`` mode)."""
+        cfg = LocalConfig.from_dict(task.config)
+        if len(data.train) == 0:
+            raise DataError(f"client {task.client_id} has no training samples; give every client data")
+        torch.manual_seed(cfg.seed)
+        self.vector.load(task.weights.to(self.device))
+        if cfg.mode == "gradient":
+            payload, loss, n = self._full_gradient(data.train, cfg)
+        else:
+            loss, n = self._train(data, cfg)
+            payload = self.vector.read() - task.weights
+        return TrainResult(task.round, task.client_id, n, payload, {"train_loss": loss})
+
+    def _train(self, data: ClientData, cfg: LocalConfig) -> tuple[float, int]:
+        model = self.model
+        model.train()
+        optimizer = torch.optim.SGD(
+            self._params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+        anchor = [p.detach().clone() for p in self._params] if cfg.mu > 0 else None
+        generator = torch.Generator().manual_seed(cfg.seed)
+        batch_size = data.batch_size or cfg.batch_size
+        loss_sum = torch.zeros((), device=self.device)
+        seen = 0
+        for _ in range(cfg.local_epochs):
+            for x, y in iter_batches(data.train, batch_size, shuffle=True, generator=generator, device=self.device):
+                optimizer.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                if anchor is not None:
+                    # FedProx: gradient of mu/2 * ||w - w_global||^2 added to the data loss's.
+                    for p, p0 in zip(self._params, anchor):
+                        p.grad.add_(p.detach() - p0, alpha=cfg.mu)
+                optimizer.step()
+                loss_sum += loss.detach() * y.shape[0]
+                seen += y.shape[0]
+        return float(loss_sum) / max(seen, 1), len(data.train)
+
+    def _full_gradient(self, dataset: Dataset, cfg: LocalConfig) -> tuple[torch.Tensor, float, int]:
+        """Gradient of the mean loss over all local samples at the current weights (chunked)."""
+        model = self.model
+        model.train()
+        model.zero_grad(set_to_none=True)
+        n = len(dataset)
+        loss_sum = torch.zeros((), device=self.device)
+        for x, y in iter_batches(dataset, cfg.eval_batch_size, shuffle=False, device=self.device):
+            loss = F.cross_entropy(model(x), y, reduction="sum")
+            (loss / n).backward()
+            loss_sum += loss.detach()
+        grads = self.vector.read_grad()
+        model.zero_grad(set_to_none=True)
+        return grads, float(loss_sum) / n, n
+
+    def evaluate(self, task: EvalTask, data: ClientData) -> EvalResult:
+        """Loss and accuracy of the task's weights on the client's test data."""
+        cfg = LocalConfig.from_dict(task.config)
+        dataset = data.test if data.test is not None else data.train
+        self.vector.load(task.weights.to(self.device))
+        loss, accuracy, n = evaluate_model(self.model, dataset, self.device, cfg.eval_batch_size)
+        return EvalResult(task.round, task.client_id, n, loss, accuracy)
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 512
+) -> tuple[float, float, int]:
+    """Mean cross-entropy, accuracy and sample count of ``model`` on ``dataset``."""
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    n = 0
+    for x, y in iter_batches(dataset, batch_size, shuffle=False, device=device):
+        logits = model(x)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+        correct += (logits.argmax(dim=1) == y).sum()
+        n += y.shape[0]
+    if n == 0:
+        return 0.0, 0.0, 0
+    return float(loss_sum) / n, int(correct) / n, n

@@ -1,0 +1,42 @@
+"""`FedClient`: one party's model and data, as the seed document's API names it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from fedlearn.client.data import ClientData
+from fedlearn.errors import ConfigError
+
+
+class FedClient:
+    """A party holding a model and its own train (and optional test) dataset.
+
+    Any ``torch.utils.data.Dataset`` works, torchvision datasets included. The server trains all
+    clients on one model instance (the first client's), so extra clients cost no model memory.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_dataset: Dataset,
+        test_dataset: Dataset | None = None,
+        client_id: str | None = None,
+        batch_size: int = 64,
+        device: str | torch.device | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"FedClient model must be a torch.nn.Module, got {type(model).__name__}")
+        if batch_size < 1:
+            raise ConfigError(f"FedClient batch_size must be a positive integer, got {batch_size}")
+        self.model = model
+        self.train_dataset = train_dataset
+        self.test_dataset = test_dataset
+        self.client_id = client_id
+        self.batch_size = batch_size
+        self.device = device
+
+    def data(self) -> ClientData:
+        """What the in-process runtime needs of this client."""
+        return ClientData(self.train_dataset, self.test_dataset, self.batch_size)

@@ -1,0 +1,107 @@
+"""`FedServer`: the seed document's server; each `train()` call runs one federated round."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from fedlearn.client.trainer import LocalTrainer
+from fedlearn.core.client import FedClient
+from fedlearn.errors import ConfigError
+from fedlearn.protocol.params import ParamSpec, same_architecture
+from fedlearn.runtime.inprocess import InProcessRuntime
+from fedlearn.server.evaluation import CentralEvaluator
+from fedlearn.server.loop import RoundLoop
+from fedlearn.strategies import Strategy, build_strategy
+
+
+class FedServer:
+    """Coordinates FedClients in this process with FedAvg (or another strategy).
+
+    The global model starts from the first client's weights. ``train`` runs one round,
+    ``evaluate`` returns the global model's accuracy over the clients' test sets.
+    """
+
+    def __init__(
+        self,
+        clients: Sequence[FedClient],
+        strategy: str | Strategy = "fedavg",
+        fraction: float = 1.0,
+        seed: int = 0,
+        min_clients: int = 1,
+        test_dataset: Dataset | None = None,
+    ) -> None:
+        clients = list(clients)
+        if not clients:
+            raise ConfigError("FedServer needs at least one FedClient")
+        ids = [c.client_id if c.client_id is not None else f"client-{i}" for i, c in enumerate(clients)]
+        if len(set(ids)) != len(ids):
+            raise ConfigError("FedClient client_id values must be unique")
+        if not 1 <= min_clients <= len(clients):
+            raise ConfigError(f"min_clients must be between 1 and the {len(clients)} clients, got {min_clients}")
+        model = clients[0].model
+        spec = ParamSpec.from_module(model)
+        for cid, client in zip(ids, clients):
+            same_architecture(spec, ParamSpec.from_module(client.model), f"client {cid}'s model")
+        self.clients = dict(zip(ids, clients))
+        self.strategy = build_strategy(strategy) if isinstance(strategy, str) else strategy
+        self._trainer = LocalTrainer(model, clients[0].device)
+        evaluator = None
+        if test_dataset is not None:
+            evaluator = CentralEvaluator(copy.deepcopy(model), test_dataset, self._trainer.device)
+        self.loop = RoundLoop(
+            self.strategy,
+            InProcessRuntime(self._trainer, {cid: c.data() for cid, c in self.clients.items()}),
+            spec,
+            self._trainer.vector.read(),
+            fraction=fraction,
+            min_clients=min_clients,
+            seed=seed,
+            evaluator=evaluator,
+        )
+
+    def train(self, num_epochs: int = 1, lr: float = 0.01, **local: Any) -> dict[str, Any]:
+        """Run one round: sampled clients train ``num_epochs`` epochs at ``lr``; returns the round's metrics.
+
+        Extra keywords (``momentum``, ``weight_decay``, ``batch_size``, ``mu``) set the other
+        local hyper-parameters for this and later rounds.
+        """
+        if num_epochs < 1 or lr <= 0:
+            raise ConfigError(f"train needs num_epochs >= 1 and lr > 0, got num_epochs={num_epochs}, lr={lr}")
+        self.strategy.set_local(local_epochs=num_epochs, lr=lr, **local)
+        row = self.loop.run_round()
+        self._trainer.vector.load(self.loop.weights)
+        return row
+
+    def evaluate(self) -> float:
+        """Accuracy of the global model in [0, 1]: sample-weighted over clients' test sets.
+
+        Without any client test set, the server's own ``test_dataset`` is used.
+        """
+        if any(c.test_dataset is not None for c in self.clients.values()):
+            result = self.loop.evaluate_federated()
+            self._trainer.vector.load(self.loop.weights)
+            return float(result["accuracy"])
+        if self.loop.evaluator is None:
+            raise ConfigError("no test data: give FedClients a test_dataset or FedServer a test_dataset")
+        return float(self.loop.evaluator(self.loop.weights)[1])
+
+    @property
+    def model(self) -> nn.Module:
+        """The first client's model instance holding the current global weights."""
+        self._trainer.vector.load(self.loop.weights)
+        return self._trainer.model
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """The global weights as a flat vector."""
+        return self.loop.weights
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self.loop.history

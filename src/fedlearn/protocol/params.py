@@ -1,0 +1,125 @@
+"""Model weights as one flat float32 vector plus a spec, so every update transform is vector maths."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fedlearn.errors import InvalidUpdateError, ModelError
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """Names, shapes and dtypes of the floating-point state entries a flat vector carries, in order.
+
+    Parameters and floating buffers travel; integer buffers (BatchNorm's step counter) stay local.
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[str, ...]
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> ParamSpec:
+        entries = [(n, t) for n, t in module.state_dict().items() if t.is_floating_point()]
+        return cls(
+            names=tuple(n for n, _ in entries),
+            shapes=tuple(tuple(t.shape) for _, t in entries),
+            dtypes=tuple(str(t.dtype).removeprefix("torch.") for _, t in entries),
+        )
+
+    @property
+    def numels(self) -> tuple[int, ...]:
+        out = []
+        for shape in self.shapes:
+            n = 1
+            for d in shape:
+                n *= d
+            out.append(n)
+        return tuple(out)
+
+    @property
+    def numel(self) -> int:
+        return sum(self.numels)
+
+    def fingerprint(self) -> str:
+        """Short hash of the spec: two models can exchange vectors only if these match."""
+        blob = json.dumps([self.names, self.shapes, self.dtypes]).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        return {"names": list(self.names), "shapes": [list(s) for s in self.shapes], "dtypes": list(self.dtypes)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ParamSpec:
+        return cls(tuple(data["names"]), tuple(tuple(s) for s in data["shapes"]), tuple(data["dtypes"]))
+
+    def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Split a flat vector back into named tensors of the recorded shapes and dtypes."""
+        check_vector(vector, self)
+        out: dict[str, torch.Tensor] = {}
+        for name, shape, dtype, piece in zip(self.names, self.shapes, self.dtypes, vector.split(self.numels)):
+            out[name] = piece.reshape(shape).to(getattr(torch, dtype))
+        return out
+
+
+def check_vector(vector: torch.Tensor, spec: ParamSpec) -> None:
+    """Refuse a vector that cannot be this model's weights or update (wrong rank or size)."""
+    if vector.dim() != 1 or vector.numel() != spec.numel:
+        raise InvalidUpdateError(
+            f"update has shape {tuple(vector.shape)} but the model needs a flat vector of {spec.numel} values"
+        )
+
+
+class ModelVector:
+    """Moves weights between one nn.Module and flat vectors without walking a state_dict per call.
+
+    It keeps the module's floating state tensors in spec order; ``load`` copies a vector into
+    them in place and ``read`` concatenates them, so a simulation reuses one model for all clients.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.spec = ParamSpec.from_module(module)
+        state = module.state_dict(keep_vars=True)
+        self._tensors = [state[name] for name in self.spec.names]
+
+    def read(self) -> torch.Tensor:
+        """The module's current weights as a new flat float32 vector on the CPU."""
+        with torch.no_grad():
+            return torch.cat([t.detach().reshape(-1).to("cpu", torch.float32) for t in self._tensors])
+
+    def read_grad(self) -> torch.Tensor:
+        """Gradients in spec order as one flat vector; entries without a gradient give zeros."""
+        with torch.no_grad():
+            return torch.cat(
+                [
+                    (t.grad if t.grad is not None else torch.zeros_like(t)).reshape(-1).to("cpu", torch.float32)
+                    for t in self._tensors
+                ]
+            )
+
+    def load(self, vector: torch.Tensor) -> None:
+        """Copy a flat vector into the module's weights in place."""
+        check_vector(vector, self.spec)
+        with torch.no_grad():
+            for tensor, piece in zip(self._tensors, vector.split(self.spec.numels)):
+                tensor.copy_(piece.view(tensor.shape))
+
+
+def flatten_module(module: nn.Module) -> torch.Tensor:
+    """The module's floating state as one flat float32 vector."""
+    return ModelVector(module).read()
+
+
+def same_architecture(spec: ParamSpec, other: ParamSpec, what: str) -> None:
+    """Refuse to federate models whose parameter layouts differ."""
+    if spec != other:
+        raise ModelError(
+            f"{what} has a different architecture ({other.numel} values in {len(other.names)} tensors) "
+            f"from the global model ({spec.numel} in {len(spec.names)}); give every client the same model class"
+        )

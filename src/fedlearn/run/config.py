@@ -1,0 +1,137 @@
+"""The run configuration: one validated dataclass, from YAML and command-line flags alike."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedlearn.errors import ConfigError
+
+EVALUATIONS = ("centralized", "federated", "both")
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs. YAML keys are these names; flags are the same with dashes."""
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    model: str = "seed-cnn"
+    algorithm: str = "fedavg"
+    mu: float = 0.01
+    clients: int = 10
+    fraction: float = 1.0
+    min_clients: int = 1
+    rounds: int = 20
+    local_epochs: int = 2
+    batch_size: int = 16
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    shards_per_client: int = 2
+    client_test_fraction: float = 0.2
+    evaluation: str = "centralized"
+    seed: int = 0
+    threads: int = 1
+    device: str = "cpu"
+    download: bool = True
+    output: str | None = None
+
+    def validate(self) -> RunConfig:
+        """Check every field; raise ConfigError naming the first bad one and what is allowed."""
+        for f in fields(self):
+            _check_type(f.name, getattr(self, f.name), f.type)
+        from fedlearn.data import DATASETS, PARTITIONS
+        from fedlearn.models import MODELS
+        from fedlearn.strategies import ALGORITHMS
+
+        _one_of("dataset", self.dataset, DATASETS)
+        _one_of("model", self.model, MODELS)
+        _one_of("algorithm", self.algorithm, ALGORITHMS)
+        _one_of("partition", self.partition, PARTITIONS)
+        _one_of("evaluation", self.evaluation, EVALUATIONS)
+        for name in ("clients", "rounds", "local_epochs", "batch_size", "shards_per_client", "threads", "min_clients"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{_flag(name)} must be a positive integer; got {getattr(self, name)}")
+        if not 0 < self.fraction <= 1:
+            raise ConfigError(f"--fraction must be in (0, 1]; got {self.fraction}")
+        if self.alpha <= 0:
+            raise ConfigError(f"--alpha must be > 0 (smaller is more skewed); got {self.alpha}")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr must be > 0; got {self.lr}")
+        for name in ("mu", "momentum", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{_flag(name)} must be >= 0; got {getattr(self, name)}")
+        if not 0 <= self.client_test_fraction < 1:
+            raise ConfigError(f"--client-test-fraction must be in [0, 1); got {self.client_test_fraction}")
+        if self.min_clients > self.clients:
+            raise ConfigError(f"--min-clients ({self.min_clients}) cannot exceed --clients ({self.clients})")
+        if self.evaluation != "centralized" and self.client_test_fraction == 0:
+            raise ConfigError("--evaluation federated needs client test data; set --client-test-fraction > 0")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def updated(self, changes: dict[str, Any], source: str = "flags") -> RunConfig:
+        """A copy with ``changes`` applied; unknown keys are refused with the list of known ones."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
+        return dataclasses.replace(self, **changes)
+
+
+def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML mapping of config keys (dashes in keys are accepted and turned into underscores)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"--config {path}: not valid YAML{where}; fix the file") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of keys to values, got {type(data).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{_flag(name)} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _check_type(name: str, value: Any, annotation: Any) -> None:
+    text = str(annotation)
+    optional = "None" in text
+    if value is None:
+        if not optional:
+            raise ConfigError(f"{_flag(name)} needs a value")
+        return
+    if text.startswith("int"):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        kind = "an integer"
+    elif text.startswith("float"):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        kind = "a number"
+    elif text.startswith("bool"):
+        ok = isinstance(value, bool)
+        kind = "true or false"
+    else:
+        ok = isinstance(value, str)
+        kind = "a string"
+    if not ok:
+        raise ConfigError(f"{_flag(name)} must be {kind}; got {value!r}")

@@ -1,0 +1,111 @@
+"""Builds a runnable experiment (data, clients, model, strategy, runtime, round loop) from a RunConfig."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Subset
+
+from fedlearn.client.config import LocalConfig
+from fedlearn.client.data import ClientData
+from fedlearn.client.trainer import LocalTrainer
+from fedlearn.data import DatasetBundle, label_counts, load_dataset, partition_indices, split_train_test
+from fedlearn.models import build_model
+from fedlearn.protocol.params import ModelVector
+from fedlearn.run.config import RunConfig
+from fedlearn.runtime.inprocess import InProcessRuntime
+from fedlearn.seeding import derive_seed
+from fedlearn.server.evaluation import CentralEvaluator
+from fedlearn.server.loop import RoundCallback, RoundLoop
+from fedlearn.strategies import build_strategy
+
+
+@dataclass
+class Experiment:
+    """A configured run: ``loop.run(config.rounds)`` trains it."""
+
+    config: RunConfig
+    bundle: DatasetBundle
+    clients: dict[str, ClientData]
+    partition: list[dict[str, Any]]
+    loop: RoundLoop
+    model: torch.nn.Module  # the server's copy, holding the global weights after ``load_global``
+
+    def load_global(self) -> torch.nn.Module:
+        """The server's model with the current global weights loaded."""
+        ModelVector(self.model).load(self.loop.weights)
+        return self.model
+
+
+def build_clients(config: RunConfig, bundle: DatasetBundle) -> tuple[dict[str, ClientData], list[dict[str, Any]]]:
+    """Partition the training split over clients and give each its own train/test share."""
+    labels = bundle.train.y.numpy()
+    shares = partition_indices(
+        labels, config.clients, config.partition, seed=config.seed, alpha=config.alpha,
+        shards_per_client=config.shards_per_client, groups=bundle.train_groups,
+    )
+    natural = config.partition == "natural" and bundle.test_groups is not None
+    test_labels = bundle.test.y.numpy()
+    clients: dict[str, ClientData] = {}
+    info: list[dict[str, Any]] = []
+    for i, share in enumerate(shares):
+        if natural:
+            group = int(bundle.train_groups[share[0]])
+            client_id = bundle.group_names[group] if bundle.group_names else f"writer-{group}"
+            train_idx, test_idx = share, np.flatnonzero(bundle.test_groups == group)
+            test_base, test_lab = bundle.test, test_labels
+        else:
+            client_id = f"client-{i}"
+            split_seed = derive_seed(config.seed, "split", i)
+            train_idx, test_idx = split_train_test(share, config.client_test_fraction, split_seed)
+            test_base, test_lab = bundle.train, labels
+        train = Subset(bundle.train, torch.as_tensor(train_idx, dtype=torch.long))
+        test = Subset(test_base, torch.as_tensor(test_idx, dtype=torch.long)) if len(test_idx) else None
+        clients[client_id] = ClientData(train, test)
+        info.append({
+            "client_id": client_id,
+            "num_train": int(len(train_idx)),
+            "num_test": int(len(test_idx)),
+            "label_counts": label_counts(labels, train_idx, bundle.num_classes),
+            "test_label_counts": label_counts(test_lab, test_idx, bundle.num_classes),
+        })
+    return clients, info
+
+
+def build_experiment(
+    config: RunConfig,
+    *,
+    checkpoint_path: str | os.PathLike | None = None,
+    callbacks: Iterable[RoundCallback] = (),
+) -> Experiment:
+    """Everything for ``config``: one model for all clients' training, one for the server's evaluation."""
+    config.validate()
+    torch.set_num_threads(config.threads)
+    bundle = load_dataset(config.dataset, config.data_dir, download=config.download)
+    clients, info = build_clients(config, bundle)
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, bundle.input_shape, bundle.num_classes)
+    server_model = copy.deepcopy(model)
+    local = LocalConfig(
+        local_epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr,
+        momentum=config.momentum, weight_decay=config.weight_decay,
+    )
+    strategy = build_strategy(config.algorithm, local, mu=config.mu)
+    trainer = LocalTrainer(model, config.device)
+    evaluator = None
+    if config.evaluation in ("centralized", "both"):
+        evaluator = CentralEvaluator(server_model, bundle.test, config.device)
+    vector = ModelVector(server_model)
+    loop = RoundLoop(
+        strategy, InProcessRuntime(trainer, clients), vector.spec, vector.read(),
+        fraction=config.fraction, min_clients=config.min_clients, seed=config.seed,
+        evaluator=evaluator, federated_eval=config.evaluation in ("federated", "both"),
+        checkpoint_path=checkpoint_path, callbacks=callbacks,
+    )
+    return Experiment(config, bundle, clients, info, loop, server_model)

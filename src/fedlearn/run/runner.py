@@ -1,0 +1,79 @@
+"""Runs an experiment into a run directory, new or resumed, reporting each round to callbacks."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from fedlearn.errors import ConfigError
+from fedlearn.run.config import RunConfig
+from fedlearn.run.experiment import Experiment, build_experiment
+from fedlearn.run.rundir import RunDir, default_run_dir
+from fedlearn.server.loop import RoundCallback
+
+
+def prepare_run(
+    config: RunConfig | None = None,
+    *,
+    resume: str | os.PathLike | None = None,
+    rounds: int | None = None,
+    callbacks: Iterable[RoundCallback] = (),
+) -> tuple[Experiment, RunDir]:
+    """Build a new run in ``config.output`` (or runs/<timestamp>), or reload ``resume`` at its last round."""
+    if resume is not None:
+        run_dir = RunDir(resume)
+        config = run_dir.load_config()
+        if rounds is not None:
+            config = config.updated({"rounds": rounds})
+    else:
+        if config is None:
+            raise ConfigError("give a config or --resume DIR")
+        run_dir = RunDir(config.output or default_run_dir())
+        config = config.updated({"output": str(run_dir.path)})
+    config.validate()
+    callbacks = [run_dir.append_metrics, *callbacks]
+    experiment = build_experiment(config, checkpoint_path=run_dir.checkpoint, callbacks=callbacks)
+    if resume is not None:
+        experiment.loop.resume(run_dir.checkpoint)
+        run_dir.rewrite_metrics(experiment.loop.history)
+    else:
+        run_dir.start(config, experiment.partition)
+    return experiment, run_dir
+
+
+def finish_run(experiment: Experiment, run_dir: RunDir, wall_seconds: float) -> dict[str, Any]:
+    """Write the summary, final model and curves; return the summary."""
+    history = experiment.loop.history
+    last = history[-1] if history else {}
+    accuracies = [r["test_accuracy"] for r in history if r.get("test_accuracy") is not None]
+    config = experiment.config
+    summary = {
+        "final_accuracy": last.get("test_accuracy"),
+        "final_loss": last.get("test_loss"),
+        "best_accuracy": max(accuracies) if accuracies else None,
+        "rounds": experiment.loop.round,
+        "algorithm": config.algorithm,
+        "dataset": config.dataset,
+        "model": config.model,
+        "clients": config.clients,
+        "partition": config.partition,
+        "seed": config.seed,
+        "wall_seconds": wall_seconds,
+        "round_seconds": sum(r["seconds"] for r in history),
+        "bytes_up": sum(r["bytes_up"] for r in history),
+        "bytes_down": sum(r["bytes_down"] for r in history),
+        "run_dir": str(run_dir.path),
+    }
+    run_dir.finish(summary, experiment.load_global(), history)
+    return summary
+
+
+def run(config: RunConfig | None = None, *, resume: str | os.PathLike | None = None, rounds: int | None = None,
+        callbacks: Iterable[RoundCallback] = ()) -> dict[str, Any]:
+    """Train to ``config.rounds`` rounds in total and return the summary (the Python face of `fedlearn run`)."""
+    start = time.perf_counter()
+    experiment, run_dir = prepare_run(config, resume=resume, rounds=rounds, callbacks=callbacks)
+    experiment.loop.run(experiment.config.rounds)
+    return finish_run(experiment, run_dir, time.perf_counter() - start)

@@ -1,0 +1,168 @@
+"""The one round loop: sample, send tasks, fold results in, evaluate, record, checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from fedlearn.errors import CheckpointError, InvalidUpdateError
+from fedlearn.protocol.messages import EvalResult, wire_size
+from fedlearn.protocol.params import ParamSpec, check_vector
+from fedlearn.runtime.base import ClientFailure, Runtime
+from fedlearn.server.checkpoint import load_checkpoint, save_checkpoint
+from fedlearn.server.sampling import sample_clients
+from fedlearn.server.validation import check_result
+from fedlearn.strategies.base import Strategy
+
+log = logging.getLogger(__name__)
+
+Evaluator = Callable[[torch.Tensor], "tuple[float, float]"]
+RoundCallback = Callable[[dict[str, Any]], None]
+
+
+class RoundLoop:
+    """Runs federated rounds with any strategy on any runtime and keeps the run's history.
+
+    ``evaluator`` scores the global weights centrally after each round; with
+    ``federated_eval`` the clients' own test sets are used as well. When ``checkpoint_path``
+    is set the state is written atomically after every round, before callbacks see the row.
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        runtime: Runtime,
+        spec: ParamSpec,
+        weights: torch.Tensor,
+        *,
+        fraction: float = 1.0,
+        min_clients: int = 1,
+        seed: int = 0,
+        evaluator: Evaluator | None = None,
+        federated_eval: bool = False,
+        checkpoint_path: str | os.PathLike | None = None,
+        callbacks: Iterable[RoundCallback] = (),
+    ) -> None:
+        check_vector(weights, spec)
+        self.strategy = strategy
+        self.runtime = runtime
+        self.spec = spec
+        self.weights = weights.detach().to("cpu", torch.float32).clone()
+        self.fraction = fraction
+        self.min_clients = min_clients
+        self.seed = seed
+        self.evaluator = evaluator
+        self.federated_eval = federated_eval
+        self.checkpoint_path = checkpoint_path
+        self.callbacks = list(callbacks)
+        self.round = 0
+        self.history: list[dict[str, Any]] = []
+
+    def run(self, num_rounds: int) -> list[dict[str, Any]]:
+        """Run until ``num_rounds`` rounds are complete in total (resumed rounds count)."""
+        while self.round < num_rounds:
+            self.run_round()
+        return self.history
+
+    def run_round(self) -> dict[str, Any]:
+        """One complete round; returns the history row it appended."""
+        start = time.perf_counter()
+        rnd = self.round + 1
+        sampled = sample_clients(self.runtime.client_ids(), self.fraction, self.min_clients, self.seed, rnd)
+        tasks = self.strategy.configure_train(rnd, self.weights, sampled, self.seed)
+        by_client = {t.client_id: t for t in tasks}
+        aggregation = self.strategy.begin_aggregation(rnd, self.weights)
+        bytes_down = sum(wire_size(t) for t in tasks)
+        bytes_up, loss_sum, examples = 0, 0.0, 0
+        failed: list[str] = []
+        for answer in self.runtime.train(tasks):
+            if isinstance(answer, ClientFailure):
+                log.warning("round %d: client %s dropped: %s", rnd, answer.client_id, answer.reason)
+                failed.append(answer.client_id)
+                continue
+            bytes_up += wire_size(answer)
+            try:
+                update = check_result(answer, by_client.pop(answer.client_id, None), self.spec)
+            except InvalidUpdateError as exc:
+                log.warning("round %d: rejected: %s", rnd, exc)
+                failed.append(answer.client_id)
+                continue
+            aggregation.add(answer, update)
+            loss_sum += float(answer.metrics.get("train_loss", 0.0)) * answer.num_examples
+            examples += answer.num_examples
+        failed.extend(by_client)  # tasks that got no answer at all
+        aggregated = aggregation.count >= self.min_clients and aggregation.count > 0
+        if aggregated:
+            self.weights = aggregation.finish()
+        else:
+            log.warning("round %d: only %d of %d clients succeeded (min %d); weights unchanged",
+                        rnd, aggregation.count, len(tasks), self.min_clients)
+        row: dict[str, Any] = {
+            "round": rnd,
+            "train_loss": loss_sum / examples if examples else None,
+            "clients_sampled": len(tasks),
+            "clients_succeeded": aggregation.count,
+            "failed_clients": failed,
+            "aggregated": aggregated,
+            "bytes_up": bytes_up,
+            "bytes_down": bytes_down,
+        }
+        row.update(self._evaluate(rnd))
+        row["seconds"] = time.perf_counter() - start
+        self.round = rnd
+        self.history.append(row)
+        if self.checkpoint_path is not None:
+            save_checkpoint(self.checkpoint_path, self.state_dict())
+        for callback in self.callbacks:
+            callback(row)
+        return row
+
+    def _evaluate(self, rnd: int) -> dict[str, Any]:
+        out: dict[str, Any] = {"test_accuracy": None, "test_loss": None}
+        if self.federated_eval:
+            fed = self.evaluate_federated(rnd)
+            out.update({"fed_accuracy": fed.get("accuracy"), "fed_loss": fed.get("loss")})
+            out.update({"test_accuracy": fed.get("accuracy"), "test_loss": fed.get("loss")})
+        if self.evaluator is not None:
+            loss, accuracy = self.evaluator(self.weights)
+            out.update({"test_accuracy": accuracy, "test_loss": loss})
+        return out
+
+    def evaluate_federated(self, rnd: int | None = None) -> dict[str, float]:
+        """Sample-weighted loss and accuracy of the global weights over every client's test set."""
+        rnd = self.round if rnd is None else rnd
+        tasks = self.strategy.configure_evaluate(rnd, self.weights, self.runtime.client_ids())
+        results = [r for r in self.runtime.evaluate(tasks) if isinstance(r, EvalResult)]
+        return self.strategy.aggregate_evaluate(results)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "weights": self.weights,
+            "strategy": self.strategy.state_dict(),
+            "strategy_name": self.strategy.name,
+            "history": self.history,
+            "spec": self.spec.to_dict(),
+            "seed": self.seed,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if ParamSpec.from_dict(state["spec"]) != self.spec:
+            raise CheckpointError("checkpoint was written for a different model; resume with the run's own config")
+        if state["strategy_name"] != self.strategy.name:
+            raise CheckpointError(f"checkpoint was written by {state['strategy_name']}, not {self.strategy.name}")
+        self.round = int(state["round"])
+        self.weights = state["weights"].to(torch.float32)
+        self.strategy.load_state_dict(state["strategy"])
+        self.history = list(state["history"])
+        self.seed = int(state["seed"])
+
+    def resume(self, path: str | os.PathLike) -> None:
+        """Continue from the last round completed in the checkpoint at ``path``."""
+        self.load_state_dict(load_checkpoint(path))
+
