@@ -29,8 +29,8 @@ class RunConfig:
     min_clients: int = 1
     rounds: int = 20
     local_epochs: int = 2
-    batch_size: int = 16
-    lr: float = 0.05
+    batch_size: int = 10
+    lr: float = 0.1
     momentum: float = 0.0
     weight_decay: float = 0.0
     partition: str = "dirichlet"
