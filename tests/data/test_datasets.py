@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import pickle
 import struct
 import sys
@@ -24,21 +23,9 @@ MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
 
-def _shared_datasets() -> Path:
-    override = os.environ.get("FEDLEARN_SHARED_DATASETS")
-    return Path(override) if override else Path(__file__).resolve().parents[2].parent / "shared" / "datasets"
-
-
-def _shared(sub: str) -> Path:
-    folder = _shared_datasets() / sub
-    if not folder.is_dir():
-        pytest.skip(f"real dataset folder {folder} is absent (set FEDLEARN_SHARED_DATASETS to shared/datasets)")
-    return folder
-
-
 @pytest.fixture(scope="module")
-def mnist() -> DatasetBundle:
-    return load_dataset("mnist", _shared("mnist"), download=False)
+def mnist(shared_dataset) -> DatasetBundle:
+    return load_dataset("mnist", shared_dataset("mnist"), download=False)
 
 
 def _counts(dataset: ArrayDataset, classes: int) -> list[int]:
@@ -133,11 +120,11 @@ def test_mnist_real_files(mnist: DatasetBundle) -> None:
     assert abs(mnist.train.x.mean().item()) < 1e-3 and abs(mnist.train.x.std().item() - 1) < 1e-3
 
 
-def test_mnist_torchvision_raw_layout(mnist: DatasetBundle, tmp_path: Path) -> None:
+def test_mnist_torchvision_raw_layout(mnist: DatasetBundle, tmp_path: Path, shared_dataset) -> None:
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
     for name in IDX_FILES:
-        (raw / f"{name}.gz").symlink_to(_shared("mnist") / f"{name}.gz")
+        (raw / f"{name}.gz").symlink_to(shared_dataset("mnist") / f"{name}.gz")
     bundle = load_dataset("mnist", tmp_path, download=False)
     assert torch.equal(bundle.test.x, mnist.test.x) and torch.equal(bundle.train.y, mnist.train.y)
 
@@ -272,9 +259,9 @@ def test_cifar10_missing(tmp_path: Path) -> None:
     ],
 )
 def test_medmnist_real_files(
-    name: str, sizes: tuple[int, int], train_counts: list[int], test_counts: list[int]
+    name: str, sizes: tuple[int, int], train_counts: list[int], test_counts: list[int], shared_dataset
 ) -> None:
-    bundle = load_dataset(name, _shared("medmnist"), download=False)
+    bundle = load_dataset(name, shared_dataset("medmnist"), download=False)
     assert (len(bundle.train), len(bundle.test)) == sizes
     assert bundle.train.x.shape[1:] == (1, 28, 28) and bundle.input_shape == (1, 28, 28)
     assert bundle.num_classes == 2 and bundle.train.y.dtype == torch.int64 and bundle.train.y.dim() == 1
@@ -341,8 +328,8 @@ def test_medmnist_download_without_package(tmp_path: Path, monkeypatch) -> None:
 
 # --- FEMNIST -------------------------------------------------------------------------------------------------
 
-def test_femnist_real_npz() -> None:
-    bundle = load_dataset("femnist", _shared("femnist_leaf"), download=False)
+def test_femnist_real_npz(shared_dataset) -> None:
+    bundle = load_dataset("femnist", shared_dataset("femnist_leaf"), download=False)
     assert (len(bundle.train), len(bundle.test)) == (14708, 1685)
     assert bundle.input_shape == (1, 28, 28) and bundle.num_classes == 62
     assert len(bundle.group_names) == 105 and bundle.group_names[0] == "f3313_11"

@@ -1,0 +1,32 @@
+"""Shared test helpers: where the real offline datasets live, and one torch thread."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_datasets_root() -> Path:
+    """../shared/datasets beside the repository, or $FEDLEARN_SHARED_DATASETS."""
+    override = os.environ.get("FEDLEARN_SHARED_DATASETS")
+    return Path(override) if override else REPO.parent / "shared" / "datasets"
+
+
+@pytest.fixture(scope="session")
+def shared_dataset():
+    """Return the folder of one real dataset, skipping the test when ../shared is absent."""
+
+    def find(sub: str) -> Path:
+        folder = shared_datasets_root() / sub
+        if not folder.is_dir():
+            pytest.skip(f"real dataset folder {folder} is absent (set FEDLEARN_SHARED_DATASETS to shared/datasets)")
+        return folder
+
+    return find

@@ -1,0 +1,115 @@
+"""`fedlearn run`: the default job, the run directory it writes, YAML configs and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fedlearn.cli import main
+from fedlearn.models import build_model
+from fedlearn.run.config import RunConfig
+
+METRIC_KEYS = {"round", "test_accuracy", "test_loss", "train_loss", "clients_sampled", "clients_succeeded",
+               "bytes_up", "bytes_down", "seconds"}
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory) -> Path:
+    """One `fedlearn run` with no arguments but --output (and --quiet), shared by the checks below."""
+    out = tmp_path_factory.mktemp("default") / "run"
+    assert main(["run", "--quiet", "--output", str(out)]) == 0
+    return out
+
+
+def test_default_run_reaches_090(default_run: Path) -> None:
+    summary = json.loads((default_run / "summary.json").read_text())
+    assert summary["final_accuracy"] >= 0.90
+    assert summary["algorithm"] == "fedavg" and summary["dataset"] == "digits" and summary["rounds"] == 20
+    assert summary["wall_seconds"] > 0
+
+
+def test_run_directory_contents(default_run: Path) -> None:
+    config = yaml.safe_load((default_run / "config.yaml").read_text())
+    assert config == RunConfig(output=str(default_run)).to_dict()  # fully resolved, every key
+
+    partition = json.loads((default_run / "partition.json").read_text())
+    assert len(partition) == 10
+    assert {"client_id", "num_train", "num_test", "label_counts"} <= set(partition[0])
+    assert sum(p["num_train"] + p["num_test"] for p in partition) == 1437  # digits' training split
+    assert all(sum(p["label_counts"]) == p["num_train"] for p in partition)
+
+    rows = [json.loads(line) for line in (default_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == list(range(1, 21))
+    assert all(METRIC_KEYS <= set(r) for r in rows)
+    assert all(r["clients_sampled"] == r["clients_succeeded"] == 10 for r in rows)
+    assert rows[-1]["test_accuracy"] > rows[0]["test_accuracy"]
+
+    state = torch.load(default_run / "model.pt", weights_only=True)
+    model = build_model("seed-cnn", (1, 8, 8), 10)
+    model.load_state_dict(state)
+    assert (default_run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_yaml_config_and_flag_override(tmp_path: Path) -> None:
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("rounds: 2\nclients: 4\nlocal-epochs: 1\npartition: iid\nmodel: mcmahan-2nn\nlr: 0.05\n")
+    out = tmp_path / "run"
+    assert main(["run", "--quiet", "--config", str(cfg), "--clients", "3", "--output", str(out)]) == 0
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert (config["rounds"], config["clients"], config["local_epochs"], config["partition"]) == (2, 3, 1, "iid")
+    assert config["model"] == "mcmahan-2nn"
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        (["--rounds", "-1"], "--rounds"),
+        (["--fraction", "1.5"], "--fraction"),
+        (["--fraction", "0"], "--fraction"),
+        (["--alpha", "0"], "--alpha"),
+        (["--dataset", "imagenet"], "--dataset"),
+        (["--model", "vgg"], "--model"),
+        (["--algorithm", "fedfoo"], "--algorithm"),
+        (["--partition", "random"], "--partition"),
+        (["--clients", "5000"], "--clients"),
+        (["--dataset", "mnist", "--data-dir", "{empty}", "--no-download"], "train-images-idx3-ubyte.gz"),
+    ],
+)
+def test_bad_config_exits_2_with_one_line(args: list[str], field: str, tmp_path: Path, capsys) -> None:
+    args = [a.replace("{empty}", str(tmp_path)) for a in args]
+    assert main(["run", "--quiet", "--output", str(tmp_path / "run"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and field in err, err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_bad_yaml_key_is_refused(tmp_path: Path, capsys) -> None:
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("rounds: 2\nlearning_rate: 0.1\n")
+    assert main(["run", "--quiet", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "learning_rate" in err and "known keys" in err
+
+
+def test_bad_yaml_type_is_refused(tmp_path: Path, capsys) -> None:
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("rounds: many\n")
+    assert main(["run", "--quiet", "--config", str(cfg)]) == 2
+    assert "--rounds must be an integer" in capsys.readouterr().err
+
+
+def test_cli_process_prints_no_traceback(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedlearn.cli", "run", "--rounds", "0", "--output", str(tmp_path / "r")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "fedlearn: error: --rounds must be a positive integer; got 0"
+    assert "Traceback" not in proc.stderr
