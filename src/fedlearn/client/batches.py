@@ -28,7 +28,7 @@ def iter_batches(
     """
     tensors = as_tensors(dataset)
     if tensors is not None:
-        x, y = tensors
+        x, y = tensors[0], tensors[1].long()  # no copy when labels are already int64
         n = y.shape[0]
         order = torch.randperm(n, generator=generator) if shuffle else None
         for start in range(0, n, batch_size):

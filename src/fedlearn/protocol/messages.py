@@ -110,6 +110,8 @@ def decode(data: bytes) -> Message:
         if magic != _MAGIC:
             raise ValueError("bad magic")
         doc = json.loads(data[_HEADER.size : _HEADER.size + length].decode())
+        if not (isinstance(doc, dict) and isinstance(doc.get("fields"), dict) and isinstance(doc.get("tensors"), dict)):
+            raise ValueError("header is not a message")
         cls = _TYPES[doc["type"]]
         body = memoryview(data)[_HEADER.size + length :]
         values = dict(doc["fields"])

@@ -39,6 +39,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several unrelated types for damaged files
         raise CheckpointError(f"checkpoint {path} is damaged ({type(exc).__name__}); start a new run") from None
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"checkpoint {path} has format {state.get('format')}, expected {CHECKPOINT_FORMAT}")
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path} is not a FedLearn checkpoint (format {found}); resume a run directory")
     return state

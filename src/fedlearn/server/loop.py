@@ -83,7 +83,8 @@ class RoundLoop:
         for answer in self.runtime.train(tasks):
             if isinstance(answer, ClientFailure):
                 log.warning("round %d: client %s dropped: %s", rnd, answer.client_id, answer.reason)
-                failed.append(answer.client_id)
+                if by_client.pop(answer.client_id, None) is not None:
+                    failed.append(answer.client_id)
                 continue
             bytes_up += wire_size(answer)
             try:
