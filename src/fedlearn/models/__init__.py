@@ -2,7 +2,7 @@
 
 from fedlearn.models.lenet import LeNet5
 from fedlearn.models.mcmahan import McMahan2NN, McMahanCNN
-from fedlearn.models.resnet import ResNet18GN
+from fedlearn.models.resnet import resnet18_gn
 from fedlearn.models.seed_cnn import SeedCNN
 from fedlearn.models.zoo import MODEL_DESCRIPTIONS, MODELS, build_model
 
@@ -13,6 +13,6 @@ __all__ = [
     "LeNet5",
     "McMahan2NN",
     "McMahanCNN",
-    "ResNet18GN",
+    "resnet18_gn",
     "SeedCNN",
 ]

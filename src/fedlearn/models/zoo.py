@@ -9,7 +9,7 @@ from torch import nn
 from fedlearn.errors import ModelError
 from fedlearn.models.lenet import LeNet5
 from fedlearn.models.mcmahan import McMahan2NN, McMahanCNN
-from fedlearn.models.resnet import ResNet18GN
+from fedlearn.models.resnet import resnet18_gn
 from fedlearn.models.seed_cnn import SeedCNN
 
 _BUILDERS: dict[str, Callable[[int, int, tuple[int, int]], nn.Module]] = {
@@ -17,7 +17,7 @@ _BUILDERS: dict[str, Callable[[int, int, tuple[int, int]], nn.Module]] = {
     "mcmahan-2nn": McMahan2NN,
     "mcmahan-cnn": McMahanCNN,
     "lenet5": LeNet5,  # relu activation, max pooling
-    "resnet18-gn": ResNet18GN,
+    "resnet18-gn": resnet18_gn,
 }
 
 MODELS: tuple[str, ...] = tuple(_BUILDERS)

@@ -19,7 +19,7 @@ class WeightedMean:
         if self._sum is None:
             self._sum = vector.to(torch.float64) * weight
         else:
-            self._sum.add_(vector.to(torch.float64), alpha=weight)
+            self._sum.add_(vector, alpha=weight)  # promoted to float64 inside the kernel
         self.total_weight += weight
         self.count += 1
 

@@ -1,0 +1,332 @@
+"""FedLearn's in-process overhead against a hand-written PyTorch FedAvg loop doing the same SGD steps.
+
+Workload: digits, seed-cnn, 100 clients (Dirichlet alpha 0.5), 10 sampled per round, 1 local
+epoch, batch 10, lr 0.05, 50 rounds, seed 0, centralized evaluation after every round.
+
+Both sides start from the same initial weights, train the same sampled clients on the same
+batches in the same order (per-(round, client) seeds from ``fedlearn.seeding.derive_seed``),
+and evaluate the same way, so they must end at the same accuracy and (nearly) the same weights.
+Data preparation (loading, partitioning, building per-client tensors) is not timed; the timed
+part is ``experiment.loop.run(rounds)`` against the plain loop's ``for round in ...``.
+
+Runs are interleaved (plain, fedlearn, plain, fedlearn, ...) so that background load on the
+machine hits both alike; the median and the min of wall time (and CPU time) are reported.
+
+The plain loop seeds only its shuffling generator: the model has no dropout, so it needs no
+global seed, and it pays nothing FedLearn's loop must (message objects, update checks, byte
+accounting, seeding torch's global generator per client for models that do use randomness).
+
+    python benchmarks/overhead.py            # full run (7 reps, threads 1 and 2)
+                                             # -> benchmarks/results/overhead.json
+    python benchmarks/overhead.py --quick    # smoke run (10 rounds, 2 reps), writes nothing unless --output
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fedlearn.models import build_model
+from fedlearn.run.config import RunConfig
+from fedlearn.run.experiment import build_experiment
+from fedlearn.seeding import derive_seed
+from fedlearn.server.sampling import sample_clients
+
+RESULTS = Path(__file__).resolve().parent / "results"
+EVAL_BATCH = 512  # CentralEvaluator's default batch size
+
+
+def make_config(rounds: int, threads: int) -> RunConfig:
+    return RunConfig(
+        dataset="digits", model="seed-cnn", algorithm="fedavg", clients=100, partition="dirichlet", alpha=0.5,
+        fraction=0.1, min_clients=1, rounds=rounds, local_epochs=1, batch_size=10, lr=0.05,
+        momentum=0.0, weight_decay=0.0, seed=0, threads=threads, evaluation="centralized", device="cpu",
+        download=False,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The plain PyTorch loop: what a competent user writes by hand for the same experiment.
+# --------------------------------------------------------------------------------------------
+
+class PlainSetup:
+    """Everything the plain loop needs, prepared outside the timed region."""
+
+    def __init__(self, config: RunConfig, experiment) -> None:
+        self.config = config
+        bundle = experiment.bundle
+        self.client_ids = list(experiment.clients)
+        # Per-client tensors gathered once from the experiment's own Subset indices.
+        self.client_data = {}
+        for cid, data in experiment.clients.items():
+            idx = torch.as_tensor(data.train.indices, dtype=torch.long)
+            self.client_data[cid] = (bundle.train.x[idx].contiguous(), bundle.train.y[idx].contiguous())
+        self.test_x = bundle.test.x
+        self.test_y = bundle.test.y
+        self.input_shape = bundle.input_shape
+        self.num_classes = bundle.num_classes
+
+
+def plain_build_models(setup: PlainSetup) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Initial model exactly as build_experiment makes it, plus a second instance for evaluation."""
+    cfg = setup.config
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, setup.input_shape, setup.num_classes)
+    eval_model = build_model(cfg.model, setup.input_shape, setup.num_classes)
+    return model, eval_model
+
+
+def plain_run(setup: PlainSetup, model: torch.nn.Module, eval_model: torch.nn.Module, rounds: int):
+    """Hand-written FedAvg. Returns (final global state_dict, per-round history)."""
+    cfg = setup.config
+    global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    history = []
+    n_test = setup.test_y.shape[0]
+    for rnd in range(1, rounds + 1):
+        sampled = sample_clients(setup.client_ids, cfg.fraction, cfg.min_clients, cfg.seed, rnd)
+        weighted_sum = {k: torch.zeros_like(v) for k, v in global_state.items()}
+        total = 0
+        train_loss_sum = 0.0
+        for cid in sampled:
+            x, y = setup.client_data[cid]
+            n = y.shape[0]
+            s = derive_seed(cfg.seed, rnd, cid)
+            model.load_state_dict(global_state)
+            model.train()
+            opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.0, weight_decay=0.0)
+            g = torch.Generator().manual_seed(s)
+            loss_sum = torch.zeros(())
+            for _ in range(cfg.local_epochs):
+                perm = torch.randperm(n, generator=g)
+                for start in range(0, n, cfg.batch_size):
+                    idx = perm[start:start + cfg.batch_size]
+                    xb, yb = x[idx], y[idx]
+                    opt.zero_grad(set_to_none=True)
+                    loss = F.cross_entropy(model(xb), yb)
+                    loss.backward()
+                    opt.step()
+                    loss_sum += loss.detach() * yb.shape[0]
+            train_loss_sum += float(loss_sum) / (n * cfg.local_epochs) * n
+            with torch.no_grad():
+                for k, v in model.state_dict().items():
+                    weighted_sum[k].add_(v, alpha=n)
+            total += n
+        global_state = {k: v / total for k, v in weighted_sum.items()}
+
+        # Centralized evaluation of the new global model, batch 512.
+        eval_model.load_state_dict(global_state)
+        eval_model.eval()
+        loss_t = torch.zeros((), dtype=torch.float64)
+        correct = torch.zeros((), dtype=torch.long)
+        with torch.no_grad():
+            for start in range(0, n_test, EVAL_BATCH):
+                xb = setup.test_x[start:start + EVAL_BATCH]
+                yb = setup.test_y[start:start + EVAL_BATCH]
+                logits = eval_model(xb)
+                loss_t += F.cross_entropy(logits, yb, reduction="sum").double()
+                correct += (logits.argmax(dim=1) == yb).sum()
+        history.append({
+            "round": rnd, "train_loss": train_loss_sum / total,
+            "test_loss": float(loss_t) / n_test, "test_accuracy": int(correct) / n_test,
+        })
+    return global_state, history
+
+
+def flat_state(state: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([v.reshape(-1).float() for v in state.values() if v.is_floating_point()])
+
+
+# --------------------------------------------------------------------------------------------
+# Timed runs
+# --------------------------------------------------------------------------------------------
+
+def run_fedlearn(config: RunConfig, rounds: int):
+    experiment = build_experiment(config)  # not timed: data loading, partitioning, model init
+    c0, t0 = time.process_time(), time.perf_counter()
+    history = experiment.loop.run(rounds)
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return elapsed, cpu, experiment, history
+
+
+def run_plain(setup: PlainSetup, rounds: int):
+    model, eval_model = plain_build_models(setup)  # not timed (FedLearn's model init is not timed either)
+    c0, t0 = time.process_time(), time.perf_counter()
+    state, history = plain_run(setup, model, eval_model, rounds)
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return elapsed, cpu, state, history
+
+
+def compare(experiment, fl_history, plain_state, plain_history) -> dict:
+    fl_weights = experiment.loop.weights
+    plain_weights = flat_state(plain_state)
+    # Both are in the model's state_dict order (ModelVector's spec order is the state_dict order).
+    assert experiment.loop.spec.names == tuple(k for k, v in plain_state.items() if v.is_floating_point())
+    max_diff = float((fl_weights - plain_weights).abs().max())
+    fl_acc = [row["test_accuracy"] for row in fl_history]
+    plain_acc = [row["test_accuracy"] for row in plain_history]
+    rounds_acc_equal = sum(a == b for a, b in zip(fl_acc, plain_acc))
+    max_loss_diff = max(abs(a["test_loss"] - b["test_loss"]) for a, b in zip(fl_history, plain_history))
+    max_train_loss_diff = max(abs(a["train_loss"] - b["train_loss"]) for a, b in zip(fl_history, plain_history))
+    return {
+        "final_accuracy_fedlearn": fl_acc[-1],
+        "final_accuracy_plain": plain_acc[-1],
+        "final_accuracy_equal": fl_acc[-1] == plain_acc[-1],
+        "rounds_with_equal_accuracy": rounds_acc_equal,
+        "rounds": len(fl_acc),
+        "max_abs_weight_diff": max_diff,
+        "weights_within_1e-4": max_diff <= 1e-4,
+        "max_abs_test_loss_diff": max_loss_diff,
+        "max_abs_train_loss_diff": max_train_loss_diff,
+    }
+
+
+def _summary(times: list[float]) -> dict:
+    return {"median": statistics.median(times), "min": min(times), "all": times}
+
+
+def bench(threads: int, rounds: int, reps: int) -> dict:
+    torch.set_num_threads(threads)
+    config = make_config(rounds, threads)
+    t0 = time.perf_counter()
+    first = build_experiment(config)
+    build_seconds = time.perf_counter() - t0
+    setup = PlainSetup(config, first)
+    del first
+
+    # Warm-up (untimed): one short run of each so lazy initialisation is paid before timing.
+    run_fedlearn(config, min(rounds, 3))
+    run_plain(setup, min(rounds, 3))
+
+    sides = ["plain", "fedlearn"]
+    wall = {side: [] for side in sides}
+    cpu = {side: [] for side in sides}
+    runs = {}
+    for rep in range(reps):
+        # Interleave the sides and rotate which goes first, so background load hits all alike.
+        order = sides[rep % len(sides):] + sides[: rep % len(sides)]
+        for side in order:
+            torch.set_num_threads(threads)
+            if side == "plain":
+                t, c, state, p_hist = run_plain(setup, rounds)
+                runs.setdefault("plain", (state, p_hist))
+            else:
+                t, c, experiment, f_hist = run_fedlearn(config, rounds)
+                runs.setdefault(side, (experiment, f_hist))
+            wall[side].append(t)
+            cpu[side].append(c)
+            print(f"  threads={threads} rep {rep + 1}/{reps} {side:16s} wall {t:7.3f} s  cpu {c:7.3f} s", flush=True)
+    equivalence = compare(*runs["fedlearn"], *runs["plain"])
+    med_plain = statistics.median(wall["plain"])
+    return {
+        "threads": threads,
+        "rounds": rounds,
+        "reps": reps,
+        "build_experiment_seconds": build_seconds,
+        "wall_seconds": {side: _summary(v) for side, v in wall.items()},
+        "cpu_seconds": {side: _summary(v) for side, v in cpu.items()},
+        "ratio_median": {side: statistics.median(wall[side]) / med_plain for side in sides},
+        "ratio_min": {side: min(wall[side]) / min(wall["plain"]) for side in sides},
+        "cpu_ratio_median": {side: statistics.median(cpu[side]) / statistics.median(cpu["plain"]) for side in sides},
+        # Each repetition's side / plain from the same repetition (adjacent in time), then the median:
+        # less sensitive to load that comes and goes over the minutes the benchmark runs.
+        "paired_ratio_median": {
+            side: statistics.median(a / b for a, b in zip(wall[side], wall["plain"])) for side in sides
+        },
+        "loadavg_end": list(os.getloadavg()),
+        "equivalence": equivalence,
+    }
+
+
+def machine_info() -> dict:
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cuda_available": torch.cuda.is_available(),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="10 rounds, 2 reps, 1 thread only (smoke run)")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--threads", type=int, nargs="+", default=None, help="thread counts to run (default 1 2)")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="JSON path (default benchmarks/results/overhead.json; --quick writes none unless given)")
+    args = parser.parse_args(argv)
+    rounds = args.rounds or (10 if args.quick else 50)
+    reps = args.reps or (2 if args.quick else 7)
+    threads = args.threads or ([1] if args.quick else [1, 2])
+    output = args.output or (None if args.quick else RESULTS / "overhead.json")
+
+    info = machine_info()
+    info["loadavg_start"] = list(os.getloadavg())
+    print(f"torch {info['torch']}, {info['cpu_count']} CPUs ({info['processor']}), rounds={rounds}, reps={reps}")
+    results = [bench(t, rounds, reps) for t in threads]
+
+    print()
+    print("wall seconds (time.perf_counter); ratio = side / plain (of medians, of mins, median of per-rep pairs)")
+    print(f"{'threads':>7} {'side':>16} {'median':>8} {'min':>8} {'cpu med':>8} {'ratio med':>9} {'ratio min':>9} "
+          f"{'paired':>7}")
+    for r in results:
+        w, c = r["wall_seconds"], r["cpu_seconds"]
+        for side in w:
+            print(f"{r['threads']:>7} {side:>16} {w[side]['median']:>8.3f} {w[side]['min']:>8.3f} "
+                  f"{c[side]['median']:>8.3f} {r['ratio_median'][side]:>9.3f} {r['ratio_min'][side]:>9.3f} "
+                  f"{r['paired_ratio_median'][side]:>7.3f}")
+    print()
+    for r in results:
+        eq = r["equivalence"]
+        print(f"threads={r['threads']}: final accuracy {eq['final_accuracy_fedlearn']:.4f} vs plain "
+              f"{eq['final_accuracy_plain']:.4f} (equal in {eq['rounds_with_equal_accuracy']}/{eq['rounds']} "
+              f"rounds); max |w - w_plain| = {eq['max_abs_weight_diff']:.2e}")
+    goal = 1.05
+    one = next((r for r in results if r["threads"] == 1), results[0])
+    ratio = one["ratio_median"]["fedlearn"]
+    met = ratio <= goal
+    print(f"goal: fedlearn/plain <= {goal} (median wall, threads={one['threads']}): "
+          f"{ratio:.3f} -> {'MET' if met else 'NOT MET'}")
+
+    if output is not None:
+        doc = {
+            "benchmark": "overhead",
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+            "machine": info,
+            "workload": make_config(rounds, 1).to_dict() | {"threads": threads},
+            "timed": "experiment.loop.run(rounds) vs the plain loop; data preparation and model init not timed; "
+                     "no run directory or checkpointing",
+            "goal": {"max_ratio": goal, "threads": one["threads"], "ratio_median": ratio, "met": met},
+            "results": results,
+            "argv": sys.argv[1:],
+        }
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"wrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
