@@ -113,3 +113,40 @@ def test_cli_process_prints_no_traceback(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip() == "fedlearn: error: --rounds must be a positive integer; got 0"
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "extra"),
+    [("fedsgd", ["--lr", "0.5"]), ("fedprox", ["--mu", "0.1"])],
+)
+def test_other_algorithms_learn_through_the_cli(algorithm: str, extra: list[str], tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ["run", "--quiet", "--algorithm", algorithm, "--rounds", "8", "--model", "mcmahan-2nn",
+            "--partition", "iid", "--evaluation", "both", "--output", str(out), *extra]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["test_accuracy"] > rows[0]["test_accuracy"] + 0.1
+    assert all(r["fed_accuracy"] is not None and r["fed_loss"] is not None for r in rows)
+
+
+def test_mnist_from_shared_files_with_shards(shared_dataset, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ["run", "--quiet", "--dataset", "mnist", "--data-dir", str(shared_dataset("mnist")), "--model",
+            "mcmahan-2nn", "--clients", "100", "--fraction", "0.05", "--partition", "shards", "--rounds", "2",
+            "--local-epochs", "1", "--batch-size", "50", "--no-download", "--output", str(out)]
+    assert main(args) == 0
+    partition = json.loads((out / "partition.json").read_text())
+    assert sum(p["num_train"] + p["num_test"] for p in partition) == 60000
+    assert max(sum(1 for c in p["label_counts"] if c) for p in partition) <= 4  # 2 shards, each <= 2 labels
+    assert json.loads((out / "summary.json").read_text())["final_accuracy"] > 0.25  # chance is 0.10
+
+
+def test_femnist_writers_are_the_clients(shared_dataset, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ["run", "--quiet", "--dataset", "femnist", "--data-dir", str(shared_dataset("femnist_leaf")),
+            "--model", "mcmahan-2nn", "--clients", "5", "--partition", "natural", "--rounds", "1",
+            "--local-epochs", "1", "--evaluation", "federated", "--no-download", "--output", str(out)]
+    assert main(args) == 0
+    partition = json.loads((out / "partition.json").read_text())
+    assert [p["client_id"][0] for p in partition] == ["f"] * 5  # LEAF writer ids such as f3313_11
+    assert all(p["num_test"] > 0 for p in partition)
