@@ -142,3 +142,12 @@ def test_seed_quickstart_runs_as_written(shared_dataset, tmp_path, monkeypatch, 
     # The seed's lr=0.01 without momentum learns slowly on 100 images; it must still rise.
     assert accuracies[-1] >= accuracies[0] + 0.15
     assert accuracies[-1] >= max(accuracies[:5])
+
+
+def test_train_refuses_unknown_or_per_client_settings(digits) -> None:
+    server = FedServer(_clients(digits, n=2))
+    with pytest.raises(ConfigError, match="per client"):
+        server.train(num_epochs=1, lr=0.1, batch_size=8)
+    with pytest.raises(ConfigError, match="learning_rate"):
+        server.train(num_epochs=1, lr=0.1, learning_rate=0.5)
+    assert server.history == []  # nothing ran

@@ -68,11 +68,13 @@ class FedServer:
     def train(self, num_epochs: int = 1, lr: float = 0.01, **local: Any) -> dict[str, Any]:
         """Run one round: sampled clients train ``num_epochs`` epochs at ``lr``; returns the round's metrics.
 
-        Extra keywords (``momentum``, ``weight_decay``, ``batch_size``, ``mu``) set the other
-        local hyper-parameters for this and later rounds.
+        Extra keywords (``momentum``, ``weight_decay``, ``mu``) set the other local
+        hyper-parameters for this and later rounds; batch sizes belong to each FedClient.
         """
         if num_epochs < 1 or lr <= 0:
             raise ConfigError(f"train needs num_epochs >= 1 and lr > 0, got num_epochs={num_epochs}, lr={lr}")
+        if "batch_size" in local:
+            raise ConfigError("batch_size is set per client: FedClient(..., batch_size=N)")
         self.strategy.set_local(local_epochs=num_epochs, lr=lr, **local)
         row = self.loop.run_round()
         self._trainer.vector.load(self.loop.weights)

@@ -84,6 +84,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rounds = [r["round"] for r in history]
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
@@ -95,6 +96,8 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     ax_loss.set(xlabel="round", ylabel="cross-entropy", title="Loss")
     ax_loss.grid(alpha=0.3)
     ax_loss.legend()
+    for ax in (ax_acc, ax_loss):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

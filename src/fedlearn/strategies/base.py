@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from fedlearn.client.config import LocalConfig
+from fedlearn.errors import ConfigError
 from fedlearn.protocol.messages import EvalResult, EvalTask, TrainResult, TrainTask
 from fedlearn.seeding import derive_seed
 
@@ -44,6 +45,10 @@ class Strategy(ABC):
 
     def set_local(self, **changes: Any) -> None:
         """Change the local hyper-parameters for the following rounds (e.g. lr decay)."""
+        known = LocalConfig.__dataclass_fields__
+        unknown = sorted(set(changes) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown local setting {unknown[0]!r}; known: {', '.join(known)}")
         self.local = replace(self.local, **changes)
 
     def task_config(self, round: int, client_id: str, seed: int) -> dict[str, Any]:
