@@ -39,6 +39,17 @@ RUN_FLAGS: dict[str, tuple[type, str]] = {
     "--device": (str, "cpu, cuda, cuda:N or auto"),
     "--output": (str, "run directory (default runs/<timestamp>)"),
 }
+SERVER_FLAGS: dict[str, tuple[type, str]] = {
+    "--round-timeout": (float, "seconds a round waits for client results before going on without them"),
+    "--min-fit-fraction": (float, "fraction of a round's sampled clients that must succeed"),
+}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, flags: dict[str, tuple[type, str]]) -> None:
+    parser.add_argument("--config", help="YAML file of config keys; flags override it")
+    parser.add_argument("--no-download", action="store_true", help="never try to download missing datasets")
+    for flag, (kind, text) in flags.items():
+        parser.add_argument(flag, type=kind, default=None, help=text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,22 +57,59 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fedlearn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train a federated model in simulation")
-    run.add_argument("--config", help="YAML file of config keys; flags override it")
     run.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last completed round")
-    run.add_argument("--no-download", action="store_true", help="never try to download missing datasets")
     run.add_argument("--quiet", action="store_true", help="no progress bar or table")
-    for flag, (kind, text) in RUN_FLAGS.items():
-        run.add_argument(flag, type=kind, default=None, help=text)
+    _add_config_flags(run, RUN_FLAGS)
+
+    server = sub.add_parser("server", help="serve a run to `fedlearn client` processes over gRPC")
+    server.add_argument("--address", default="127.0.0.1:8443", help="host:port to listen on (default 127.0.0.1:8443)")
+    server.add_argument("--resume", metavar="DIR", help="continue the run in DIR after a crash or stop")
+    server.add_argument("--cert", help="server certificate (PEM) for TLS")
+    server.add_argument("--key", help="server private key (PEM)")
+    server.add_argument("--client-ca", help="CA certificate clients must be signed by (mutual TLS)")
+    server.add_argument("--tokens", help="file of client ids and token hashes (re-read on SIGHUP)")
+    server.add_argument("--insecure", action="store_true", help="allow plaintext on a non-loopback address")
+    _add_config_flags(server, {**RUN_FLAGS, **SERVER_FLAGS})
+
+    client = sub.add_parser("client", help="join a `fedlearn server` as one client")
+    client.add_argument("--server", required=True, help="server host:port")
+    client.add_argument("--client-id", help="this client's id (default: client-<partition index>)")
+    client.add_argument("--partition-index", type=int, help="train on this share of the partitioned dataset")
+    client.add_argument("--num-partitions", type=int, help="number of shares (the run's --clients)")
+    client.add_argument("--ca", help="CA certificate that signed the server's certificate (enables TLS)")
+    client.add_argument("--cert", help="this client's certificate (mutual TLS)")
+    client.add_argument("--key", help="this client's private key (mutual TLS)")
+    client.add_argument("--token-file", help="file holding this client's bearer token")
+    client.add_argument("--insecure", action="store_true", help="allow plaintext to a non-loopback server")
+    client.add_argument("--give-up-after", type=float, default=3600.0,
+                        help="seconds without reaching the server before exiting (default 3600)")
+    _add_config_flags(client, {k: v for k, v in RUN_FLAGS.items() if k not in ("--output",)})
+
+    certs = sub.add_parser("certs", help="development certificates for TLS and mutual TLS")
+    certs.add_argument("action", choices=["init", "issue"], help="init: a new CA; issue NAME: a certificate")
+    certs.add_argument("name", nargs="?", help="certificate name: 'server' or a client id such as site-a")
+    certs.add_argument("--dir", default="certs", help="folder holding ca.pem and the issued files (default certs)")
+    certs.add_argument("--host", action="append", help="server certificate SAN (repeatable; default localhost, "
+                       "127.0.0.1, ::1)")
+    certs.add_argument("--client", action="store_true", help="issue a client certificate (default for names "
+                       "other than 'server')")
+    certs.add_argument("--force", action="store_true", help="init: replace an existing CA")
+
+    tokens = sub.add_parser("tokens", help="per-client bearer tokens (the server keeps only hashes)")
+    tokens.add_argument("action", choices=["add"], help="add NAME: print a new token for client NAME")
+    tokens.add_argument("name", help="client id")
+    tokens.add_argument("--file", default="tokens.txt", help="the server's token file (default tokens.txt)")
+    tokens.add_argument("--replace", action="store_true", help="replace NAME's existing token")
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[RunConfig | None, dict[str, Any]]:
     """The run config (None when resuming) and the flags given on the command line."""
-    given = {f[2:].replace("-", "_"): getattr(args, f[2:].replace("-", "_")) for f in RUN_FLAGS}
-    given = {k: v for k, v in given.items() if v is not None}
+    names = [f[2:].replace("-", "_") for f in (*RUN_FLAGS, *SERVER_FLAGS)]
+    given = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     if args.no_download:
         given["download"] = False
-    if args.resume:
+    if getattr(args, "resume", None):
         extra = sorted(set(given) - {"rounds"})
         if extra or args.config:
             bad = "--config" if args.config else "--" + extra[0].replace("_", "-")
@@ -90,12 +138,68 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_server(args: argparse.Namespace) -> int:
+    from fedlearn.run.deploy import TLSFiles, serve
+
+    config, given = config_from_args(args)
+    tls = TLSFiles(cert=args.cert, key=args.key, ca=args.client_ca)
+    summary = serve(config, args.address, tls=tls, tokens=args.tokens, insecure=args.insecure,
+                    resume=args.resume, rounds=given.get("rounds"))
+    return 0 if not summary.get("stopped") else 143
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    from fedlearn.run.deploy import TLSFiles, run_client
+
+    config, _ = config_from_args(args)
+    if args.num_partitions is not None:
+        config = config.updated({"clients": args.num_partitions}).validate()
+    tls = TLSFiles(cert=args.cert, key=args.key, ca=args.ca)
+    run_client(config, args.server, client_id=args.client_id, partition_index=args.partition_index, tls=tls,
+               token_file=args.token_file, insecure=args.insecure, give_up_after=args.give_up_after)
+    return 0
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fedlearn.security import DEFAULT_SERVER_HOSTS, init_ca, issue
+
+    folder = Path(args.dir)
+    if args.action == "init":
+        paths = init_ca(folder, force=args.force)
+        print(f"CA written: {paths.cert} (key {paths.key}, keep it private)")
+        return 0
+    if not args.name:
+        raise FedLearnError("certs issue needs a NAME: 'server' or a client id such as site-a")
+    is_server = args.name == "server" and not args.client
+    hosts = args.host or list(DEFAULT_SERVER_HOSTS)
+    paths = issue(folder, args.name, server=is_server, hosts=hosts if is_server else None)
+    kind = f"server certificate for {', '.join(hosts)}" if is_server else f"client certificate for {args.name}"
+    print(f"{kind}: {paths.cert} (key {paths.key})")
+    return 0
+
+
+def cmd_tokens(args: argparse.Namespace) -> int:
+    from fedlearn.security import TokenStore
+
+    token = TokenStore(args.file, missing_ok=True).add(args.name, replace=args.replace)
+    print(token)
+    print(f"added {args.name} to {args.file}; give the line above to that client (it is not stored) "
+          "and send the server SIGHUP", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "server": cmd_server, "client": cmd_client, "certs": cmd_certs, "tokens": cmd_tokens}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    level = logging.INFO if args.command in ("server", "client") else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return cmd_run(args)
+        return COMMANDS[args.command](args)
     except FedLearnError as exc:
         print(f"fedlearn: error: {exc}", file=sys.stderr)
         return 2

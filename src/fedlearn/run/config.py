@@ -27,6 +27,8 @@ class RunConfig:
     clients: int = 10
     fraction: float = 1.0
     min_clients: int = 1
+    min_fit_fraction: float = 0.0
+    round_timeout: float = 300.0
     rounds: int = 20
     local_epochs: int = 2
     batch_size: int = 10
@@ -69,6 +71,10 @@ class RunConfig:
         for name in ("mu", "momentum", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_flag(name)} must be >= 0; got {getattr(self, name)}")
+        if not 0 <= self.min_fit_fraction <= 1:
+            raise ConfigError(f"--min-fit-fraction must be in [0, 1]; got {self.min_fit_fraction}")
+        if self.round_timeout <= 0:
+            raise ConfigError(f"--round-timeout must be > 0 seconds; got {self.round_timeout}")
         if not 0 <= self.client_test_fraction < 1:
             raise ConfigError(f"--client-test-fraction must be in [0, 1); got {self.client_test_fraction}")
         if self.min_clients > self.clients:

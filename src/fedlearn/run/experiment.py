@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,8 +17,9 @@ from fedlearn.client.data import ClientData
 from fedlearn.client.trainer import LocalTrainer
 from fedlearn.data import DatasetBundle, label_counts, load_dataset, partition_indices, split_train_test
 from fedlearn.models import build_model
-from fedlearn.protocol.params import ModelVector
+from fedlearn.protocol.params import ModelVector, ParamSpec
 from fedlearn.run.config import RunConfig
+from fedlearn.runtime.base import Runtime
 from fedlearn.runtime.inprocess import InProcessRuntime
 from fedlearn.seeding import derive_seed
 from fedlearn.server.evaluation import CentralEvaluator
@@ -78,33 +79,52 @@ def build_clients(config: RunConfig, bundle: DatasetBundle) -> tuple[dict[str, C
     return clients, info
 
 
-def build_experiment(
-    config: RunConfig,
-    *,
-    checkpoint_path: str | os.PathLike | None = None,
-    callbacks: Iterable[RoundCallback] = (),
-) -> Experiment:
-    """Everything for ``config``: one model for all clients' training, one for the server's evaluation."""
-    config.validate()
-    torch.set_num_threads(config.threads)
-    bundle = load_dataset(config.dataset, config.data_dir, download=config.download)
-    clients, info = build_clients(config, bundle)
+def initial_model(config: RunConfig, bundle: DatasetBundle) -> torch.nn.Module:
+    """The run's starting model: the same weights for the same seed in every process."""
     torch.manual_seed(config.seed)
-    model = build_model(config.model, bundle.input_shape, bundle.num_classes)
-    server_model = copy.deepcopy(model)
-    local = LocalConfig(
+    return build_model(config.model, bundle.input_shape, bundle.num_classes)
+
+
+def local_config(config: RunConfig) -> LocalConfig:
+    return LocalConfig(
         local_epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr,
         momentum=config.momentum, weight_decay=config.weight_decay,
     )
-    strategy = build_strategy(config.algorithm, local, mu=config.mu)
-    trainer = LocalTrainer(model, config.device)
+
+
+RuntimeFactory = Callable[[RunConfig, ParamSpec], Runtime]
+
+
+def build_experiment(
+    config: RunConfig,
+    *,
+    runtime: RuntimeFactory | None = None,
+    checkpoint_path: str | os.PathLike | None = None,
+    callbacks: Iterable[RoundCallback] = (),
+) -> Experiment:
+    """Everything for ``config``. Without ``runtime`` the clients are simulated in this process
+    (one model for all of them, one for the server's evaluation); with it, clients live wherever
+    that runtime reaches (e.g. gRPC) and this process only runs the server.
+    """
+    config.validate()
+    torch.set_num_threads(config.threads)
+    bundle = load_dataset(config.dataset, config.data_dir, download=config.download)
+    model = initial_model(config, bundle)
+    server_model = copy.deepcopy(model)
+    vector = ModelVector(server_model)
+    if runtime is None:
+        clients, info = build_clients(config, bundle)
+        client_runtime: Runtime = InProcessRuntime(LocalTrainer(model, config.device), clients)
+    else:
+        clients, info = {}, []
+        client_runtime = runtime(config, vector.spec)
     evaluator = None
     if config.evaluation in ("centralized", "both"):
         evaluator = CentralEvaluator(server_model, bundle.test, config.device)
-    vector = ModelVector(server_model)
     loop = RoundLoop(
-        strategy, InProcessRuntime(trainer, clients), vector.spec, vector.read(),
-        fraction=config.fraction, min_clients=config.min_clients, seed=config.seed,
+        build_strategy(config.algorithm, local_config(config), mu=config.mu), client_runtime, vector.spec,
+        vector.read(), fraction=config.fraction, min_clients=config.min_clients,
+        min_fit_fraction=config.min_fit_fraction, seed=config.seed,
         evaluator=evaluator, federated_eval=config.evaluation in ("federated", "both"),
         checkpoint_path=checkpoint_path, callbacks=callbacks,
     )

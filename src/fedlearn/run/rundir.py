@@ -45,7 +45,8 @@ class RunDir:
         if (self.path / CHECKPOINT).exists():
             raise CheckpointError(f"{self.path} already holds a run; use --resume {self.path} or another --output")
         _write_atomic(self.path / CONFIG, yaml.safe_dump(config.to_dict(), sort_keys=False))
-        _write_atomic(self.path / PARTITION, json.dumps(partition, indent=1))
+        if partition:  # a gRPC server does not know its clients' data
+            _write_atomic(self.path / PARTITION, json.dumps(partition, indent=1))
         (self.path / METRICS).write_text("")
 
     def load_config(self) -> RunConfig:

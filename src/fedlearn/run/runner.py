@@ -9,7 +9,7 @@ from typing import Any
 
 from fedlearn.errors import ConfigError
 from fedlearn.run.config import RunConfig
-from fedlearn.run.experiment import Experiment, build_experiment
+from fedlearn.run.experiment import Experiment, RuntimeFactory, build_experiment
 from fedlearn.run.rundir import RunDir, default_run_dir
 from fedlearn.server.loop import RoundCallback
 
@@ -20,6 +20,7 @@ def prepare_run(
     resume: str | os.PathLike | None = None,
     rounds: int | None = None,
     callbacks: Iterable[RoundCallback] = (),
+    runtime: RuntimeFactory | None = None,
 ) -> tuple[Experiment, RunDir]:
     """Build a new run in ``config.output`` (or runs/<timestamp>), or reload ``resume`` at its last round."""
     if resume is not None:
@@ -34,7 +35,7 @@ def prepare_run(
         config = config.updated({"output": str(run_dir.path)})
     config.validate()
     callbacks = [run_dir.append_metrics, *callbacks]
-    experiment = build_experiment(config, checkpoint_path=run_dir.checkpoint, callbacks=callbacks)
+    experiment = build_experiment(config, runtime=runtime, checkpoint_path=run_dir.checkpoint, callbacks=callbacks)
     if resume is not None:
         experiment.loop.resume(run_dir.checkpoint)
         run_dir.rewrite_metrics(experiment.loop.history)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -42,6 +43,7 @@ class RoundLoop:
         *,
         fraction: float = 1.0,
         min_clients: int = 1,
+        min_fit_fraction: float = 0.0,
         seed: int = 0,
         evaluator: Evaluator | None = None,
         federated_eval: bool = False,
@@ -55,6 +57,7 @@ class RoundLoop:
         self.weights = weights.detach().to("cpu", torch.float32).clone()
         self.fraction = fraction
         self.min_clients = min_clients
+        self.min_fit_fraction = min_fit_fraction
         self.seed = seed
         self.evaluator = evaluator
         self.federated_eval = federated_eval
@@ -97,12 +100,13 @@ class RoundLoop:
             loss_sum += float(answer.metrics.get("train_loss", 0.0)) * answer.num_examples
             examples += answer.num_examples
         failed.extend(by_client)  # tasks that got no answer at all
-        aggregated = aggregation.count >= self.min_clients and aggregation.count > 0
+        needed = max(self.min_clients, math.ceil(self.min_fit_fraction * len(tasks) - 1e-9), 1)
+        aggregated = aggregation.count >= needed
         if aggregated:
             self.weights = aggregation.finish()
         else:
-            log.warning("round %d: only %d of %d clients succeeded (min %d); weights unchanged",
-                        rnd, aggregation.count, len(tasks), self.min_clients)
+            log.warning("round %d: only %d of %d clients succeeded (need %d); weights unchanged",
+                        rnd, aggregation.count, len(tasks), needed)
         row: dict[str, Any] = {
             "round": rnd,
             "train_loss": loss_sum / examples if examples else None,

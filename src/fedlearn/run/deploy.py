@@ -1,0 +1,211 @@
+"""`fedlearn server` and `fedlearn client`: the same run, with clients as separate processes over gRPC."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedlearn.client.data import ClientData
+from fedlearn.client.trainer import LocalTrainer
+from fedlearn.data import DatasetBundle, load_dataset
+from fedlearn.errors import ConfigError
+from fedlearn.protocol.params import ParamSpec
+from fedlearn.run.config import RunConfig
+from fedlearn.run.experiment import build_clients, initial_model
+from fedlearn.run.runner import finish_run, prepare_run
+from fedlearn.server.loop import RoundCallback
+
+log = logging.getLogger("fedlearn.server")
+
+
+@dataclass
+class TLSFiles:
+    """Certificate files: the server's own pair and optional client CA (mTLS), or a client's CA and pair."""
+
+    cert: str | None = None
+    key: str | None = None
+    ca: str | None = None
+
+
+class Stopped(Exception):
+    """SIGTERM or SIGINT arrived: stop after saving nothing more than the last completed round."""
+
+
+def serve(
+    config: RunConfig | None,
+    address: str,
+    *,
+    tls: TLSFiles | None = None,
+    tokens: str | os.PathLike | None = None,
+    insecure: bool = False,
+    resume: str | os.PathLike | None = None,
+    rounds: int | None = None,
+    callbacks: Iterable[RoundCallback] = (),
+    on_listening: Any = None,
+) -> dict[str, Any]:
+    """Run the configured rounds with remote clients; returns the run summary.
+
+    Waits for ``config.clients`` clients before the first round; later rounds sample whichever
+    clients are alive. The state is checkpointed after every round, so ``resume`` continues a
+    server that was killed.
+    """
+    import grpc
+
+    from fedlearn.runtime.grpc.server import GrpcRuntime, start_server
+    from fedlearn.security import Authenticator, TokenStore, install_sighup_reload, require_tls, server_credentials
+
+    tls = tls or TLSFiles()
+    if (tls.cert is None) != (tls.key is None):
+        raise ConfigError("give both --cert and --key for TLS, or neither")
+    if tls.ca and not tls.cert:
+        raise ConfigError("--client-ca (mutual TLS) needs the server's own --cert and --key")
+    require_tls(address, tls=tls.cert is not None, insecure=insecure, role="server")
+    credentials: grpc.ServerCredentials | None = None
+    if tls.cert:
+        credentials = server_credentials(tls.cert, tls.key, client_ca=tls.ca, host=address, server_ca=tls.ca)
+    store = TokenStore(tokens) if tokens else None
+    start = time.perf_counter()
+    holder: dict[str, GrpcRuntime] = {}
+
+    def make_runtime(cfg: RunConfig, spec: ParamSpec) -> GrpcRuntime:
+        holder["runtime"] = GrpcRuntime(spec, round_timeout=cfg.round_timeout, total_rounds=cfg.rounds)
+        return holder["runtime"]
+
+    def report(row: dict[str, Any]) -> None:
+        runtime = holder["runtime"]
+        runtime.completed_rounds = row["round"]
+        accuracy = row.get("test_accuracy")
+        log.info("round %d/%d: %d/%d clients succeeded%s, accuracy %s, %.1f s", row["round"], runtime.total_rounds,
+                 row["clients_succeeded"], row["clients_sampled"],
+                 f" (dropped: {', '.join(row['failed_clients'])})" if row["failed_clients"] else "",
+                 "-" if accuracy is None else f"{accuracy:.4f}", row["seconds"])
+
+    experiment, run_dir = prepare_run(config, resume=resume, rounds=rounds, callbacks=[report, *callbacks],
+                                      runtime=make_runtime)
+    config = experiment.config
+    runtime = holder["runtime"]
+    runtime.completed_rounds = experiment.loop.round
+    auth = Authenticator(mtls=True, tokens=store) if tls.ca else (Authenticator(tokens=store) if store else None)
+    server, port = start_server(runtime, address, auth=auth, credentials=credentials)
+    security = ("TLS" if credentials else "plaintext") + (", mutual TLS" if tls.ca else "") + (
+        ", bearer tokens" if store else "")
+    log.info("listening on %s (port %d, %s); run directory %s", address, port, security, run_dir.path)
+    if on_listening is not None:
+        on_listening(port)
+    previous = _install_stop_handlers()
+    if store is not None and threading.current_thread() is threading.main_thread():
+        install_sighup_reload(store)
+    try:
+        if experiment.loop.round < config.rounds:
+            runtime.wait_for_clients(config.clients)
+        while experiment.loop.round < config.rounds:
+            runtime.wait_for_clients(config.min_clients)
+            experiment.loop.run_round()
+        summary = finish_run(experiment, run_dir, time.perf_counter() - start)
+        log.info("finished %d rounds: final accuracy %s; model in %s", summary["rounds"],
+                 summary["final_accuracy"], run_dir.path)
+        return summary
+    except Stopped:
+        log.info("stopped after round %d; continue with: fedlearn server --resume %s", experiment.loop.round,
+                 run_dir.path)
+        return {"rounds": experiment.loop.round, "stopped": True, "run_dir": str(run_dir.path)}
+    finally:
+        runtime.finish()
+        time.sleep(0.5)  # let long-polling clients hear that the run is over
+        server.stop(grace=2).wait()
+        _restore_handlers(previous)
+
+
+def _install_stop_handlers() -> dict[int, Any]:
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Stopped(signal.Signals(signum).name)
+
+    return {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _restore_handlers(previous: dict[int, Any]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def client_data_for(config: RunConfig, bundle: DatasetBundle, partition_index: int | None,
+                    client_id: str | None) -> tuple[str, ClientData]:
+    """This process's client id and data: share ``partition_index`` of the run's partition, or the whole dataset."""
+    if partition_index is None:
+        if not client_id:
+            raise ConfigError("give --client-id (or --partition-index to take one share of a partitioned dataset)")
+        return client_id, ClientData(bundle.train, bundle.test)
+    if not 0 <= partition_index < config.clients:
+        raise ConfigError(f"--partition-index must be in 0..{config.clients - 1} for --num-partitions "
+                          f"{config.clients}; got {partition_index}")
+    clients, _ = build_clients(config, bundle)
+    default_id, data = list(clients.items())[partition_index]
+    return client_id or default_id, data
+
+
+def run_client(
+    config: RunConfig,
+    server: str,
+    *,
+    client_id: str | None = None,
+    partition_index: int | None = None,
+    tls: TLSFiles | None = None,
+    token_file: str | os.PathLike | None = None,
+    insecure: bool = False,
+    poll_seconds: float = 10.0,
+    give_up_after: float | None = 3600.0,
+) -> int:
+    """Join ``server`` as one client and answer its tasks until the run finishes; returns tasks done."""
+    import torch
+
+    from fedlearn.runtime.grpc.client import RemoteClient
+    from fedlearn.security import channel_credentials, require_tls
+
+    tls = tls or TLSFiles()
+    if (tls.cert is None) != (tls.key is None):
+        raise ConfigError("give both --cert and --key for mutual TLS, or neither")
+    require_tls(server, tls=tls.ca is not None, insecure=insecure, role="client")
+    credentials = channel_credentials(tls.ca, tls.cert, tls.key) if tls.ca else None
+    token = None
+    if token_file is not None:
+        path = Path(token_file)
+        if not path.is_file():
+            raise ConfigError(f"--token-file {path}: no such file")
+        token = path.read_text().strip()
+    if tls.ca:
+        _probe_until_reachable(server, tls, give_up_after)
+    torch.set_num_threads(config.threads)
+    bundle = load_dataset(config.dataset, config.data_dir, download=config.download)
+    client_id, data = client_data_for(config, bundle, partition_index, client_id)
+    trainer = LocalTrainer(initial_model(config, bundle), config.device)
+    client = RemoteClient(server, client_id, trainer, data, credentials=credentials, token=token,
+                          poll_seconds=poll_seconds, give_up_after=give_up_after)
+    logging.getLogger("fedlearn.client").info("client %s joining %s", client_id, server)
+    try:
+        return client.run()
+    finally:
+        client.close()
+
+
+def _probe_until_reachable(server: str, tls: TLSFiles, give_up_after: float | None) -> None:
+    """One TLS handshake before anything else: a certificate problem is a one-line error now, not a retry loop."""
+    from fedlearn.errors import FedLearnError
+    from fedlearn.security import probe_server
+
+    started = time.monotonic()
+    delay = 0.5
+    while not probe_server(server, tls.ca, tls.cert, tls.key):
+        if give_up_after is not None and time.monotonic() - started > give_up_after:
+            raise FedLearnError(f"server {server} unreachable for {give_up_after:.0f} s; check the address")
+        time.sleep(delay)
+        delay = min(delay * 2, 10.0)

@@ -1,0 +1,69 @@
+"""Chunked, checksummed, resumable transfers of encoded messages over gRPC streams."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+
+from fedlearn.runtime.grpc import fedlearn_pb2 as pb
+
+CHUNK_BYTES = 1 << 20  # 1 MiB: far below gRPC's 4 MiB default message limit
+
+
+def digest(body: bytes) -> bytes:
+    return hashlib.sha256(body).digest()
+
+
+def chunks(body: bytes, transfer_id: str, offset: int = 0, checksum: bytes | None = None,
+           size: int = CHUNK_BYTES) -> Iterator[pb.Chunk]:
+    """The body from ``offset`` on, as Chunk messages that each carry the whole body's size and checksum."""
+    checksum = checksum if checksum is not None else digest(body)
+    view = memoryview(body)
+    total = len(body)
+    if offset >= total:  # nothing left: one empty chunk still tells the receiver the totals
+        yield pb.Chunk(transfer_id=transfer_id, offset=total, data=b"", total_size=total, sha256=checksum)
+        return
+    for start in range(offset, total, size):
+        yield pb.Chunk(transfer_id=transfer_id, offset=start, data=bytes(view[start : start + size]),
+                       total_size=total, sha256=checksum)
+
+
+class TransferError(ValueError):
+    """A chunk that does not continue the transfer, or a body that fails its checksum."""
+
+
+class Assembly:
+    """Collects one body from chunks that may arrive over several broken and resumed streams."""
+
+    def __init__(self, total_size: int, checksum: bytes) -> None:
+        self.total_size = total_size
+        self.checksum = checksum
+        self.buffer = bytearray()
+
+    @property
+    def received(self) -> int:
+        return len(self.buffer)
+
+    def add(self, chunk: pb.Chunk) -> None:
+        """Append a chunk; it must continue exactly where the held bytes end, with the same totals."""
+        if chunk.total_size != self.total_size or chunk.sha256 != self.checksum:
+            raise TransferError("chunk belongs to a different body (size or checksum changed)")
+        if chunk.offset != self.received:
+            raise TransferError(f"chunk starts at byte {chunk.offset} but {self.received} bytes are held; "
+                                "resume from UploadStatus's offset")
+        if self.received + len(chunk.data) > self.total_size:
+            raise TransferError("chunk runs past the announced size")
+        self.buffer += chunk.data
+
+    @property
+    def complete(self) -> bool:
+        return self.received == self.total_size
+
+    def body(self) -> bytes:
+        """The whole body, after checking its SHA-256."""
+        if not self.complete:
+            raise TransferError(f"only {self.received} of {self.total_size} bytes arrived")
+        data = bytes(self.buffer)
+        if digest(data) != self.checksum:
+            raise TransferError("body does not match its SHA-256; send it again")
+        return data

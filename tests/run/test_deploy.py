@@ -1,0 +1,200 @@
+"""`fedlearn server` and `fedlearn client` as real processes on 127.0.0.1: training, faults, security."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedlearn.cli import main
+
+FEDLEARN = [sys.executable, "-m", "fedlearn.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(path: Path, **values) -> Path:
+    path.write_text("".join(f"{k}: {v}\n" for k, v in values.items()))
+    return path
+
+
+class Procs:
+    """Starts fedlearn processes with their logs in files, and kills whatever is left at the end."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.folder / f"{name}.log", "ab")
+        proc = subprocess.Popen([*FEDLEARN, *args], stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        proc.name = name
+        self.procs.append(proc)
+        return proc
+
+    def log(self, name: str) -> str:
+        path = self.folder / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+
+
+@pytest.fixture
+def procs(tmp_path):
+    p = Procs(tmp_path)
+    yield p
+    p.stop_all()
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def rows(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    out = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for row in out:
+        row.pop("seconds")
+    return out
+
+
+def finish(proc: subprocess.Popen, timeout: float = 120) -> int:
+    return proc.wait(timeout=timeout)
+
+
+def test_five_client_processes_match_the_inprocess_run(tmp_path, procs) -> None:
+    cfg = write_config(tmp_path / "run.yaml", clients=5, rounds=8, round_timeout=60)
+    port = free_port()
+    server = procs.start("server", "server", "--config", str(cfg), "--address", f"127.0.0.1:{port}",
+                         "--output", str(tmp_path / "grpc"))
+    clients = [procs.start(f"client{i}", "client", "--server", f"127.0.0.1:{port}", "--config", str(cfg),
+                           "--partition-index", str(i)) for i in range(5)]
+    assert finish(server) == 0, procs.log("server")
+    assert all(finish(c, 30) == 0 for c in clients), procs.log("client0")
+    assert main(["run", "--quiet", "--config", str(cfg), "--output", str(tmp_path / "sim")]) == 0
+    grpc_rows, sim_rows = rows(tmp_path / "grpc"), rows(tmp_path / "sim")
+    assert grpc_rows == sim_rows  # same seed: identical metrics, bytes included
+    assert grpc_rows[-1]["test_accuracy"] >= 0.90
+    assert "listening on 127.0.0.1" in procs.log("server") and "client client-3 connected" in procs.log("server")
+
+
+def test_killed_client_is_dropped_then_rejoins(tmp_path, procs) -> None:
+    cfg = write_config(tmp_path / "run.yaml", clients=3, rounds=8, round_timeout=8, model="mcmahan-2nn",
+                       local_epochs=1)
+    port, run = free_port(), tmp_path / "run"
+    server = procs.start("server", "server", "--config", str(cfg), "--address", f"127.0.0.1:{port}",
+                         "--output", str(run))
+    client_args = ["client", "--server", f"127.0.0.1:{port}", "--config", str(cfg)]
+    procs.start("c0", *client_args, "--partition-index", "0")
+    procs.start("c1", *client_args, "--partition-index", "1")
+    victim = procs.start("c2", *client_args, "--partition-index", "2")
+    wait_for(lambda: len(rows(run)) >= 1, 120, "round 1")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    wait_for(lambda: any("client-2" in r["failed_clients"] for r in rows(run)), 60, "a round without client-2")
+    procs.start("c2-again", *client_args, "--partition-index", "2")
+    assert finish(server) == 0, procs.log("server")
+    history = rows(run)
+    assert [r["round"] for r in history] == list(range(1, 9))
+    dropped = [r for r in history if "client-2" in r["failed_clients"]]
+    assert dropped and all(r["aggregated"] and r["clients_succeeded"] == 2 for r in dropped)
+    assert history[-1]["clients_succeeded"] == 3  # the restarted client is back
+    assert "client client-2 connected" in procs.log("server")
+
+
+def test_killed_server_resumes_and_runs_every_round_once(tmp_path, procs) -> None:
+    cfg = write_config(tmp_path / "run.yaml", clients=3, rounds=10, round_timeout=30, model="mcmahan-2nn",
+                       local_epochs=4)
+    port, run = free_port(), tmp_path / "run"
+    address = f"127.0.0.1:{port}"
+    server = procs.start("server", "server", "--config", str(cfg), "--address", address, "--output", str(run))
+    clients = [procs.start(f"c{i}", "client", "--server", address, "--config", str(cfg), "--partition-index",
+                           str(i)) for i in range(3)]
+    wait_for(lambda: len(rows(run)) >= 3, 120, "three rounds")
+    server.send_signal(signal.SIGKILL)
+    server.wait()
+    done_before = len(rows(run))
+    assert done_before < 10
+    restarted = procs.start("server2", "server", "--resume", str(run), "--address", address)
+    assert finish(restarted) == 0, procs.log("server2")
+    assert all(finish(c, 60) == 0 for c in clients), procs.log("c0")
+    history = rows(run)
+    assert [r["round"] for r in history] == list(range(1, 11))  # none lost, none repeated
+    assert all(r["clients_succeeded"] == 3 for r in history)
+    assert json.loads((run / "summary.json").read_text())["rounds"] == 10
+
+
+def test_mutual_tls_and_tokens_refuse_strangers_and_keep_serving(tmp_path, procs) -> None:
+    certs, other = tmp_path / "certs", tmp_path / "other-ca"
+    for args in (["init"], ["issue", "server"], ["issue", "client-0"], ["issue", "client-1"]):
+        assert main(["certs", *args, "--dir", str(certs)]) == 0
+    assert main(["certs", "init", "--dir", str(other)]) == 0
+    assert main(["certs", "issue", "client-1", "--dir", str(other)]) == 0
+    tokens = tmp_path / "tokens.txt"
+    token_files = {}
+    for name in ("client-0", "client-1"):
+        from fedlearn.security import TokenStore
+
+        token_files[name] = tmp_path / f"{name}.token"
+        token_files[name].write_text(TokenStore(tokens, missing_ok=True).add(name))
+    cfg = write_config(tmp_path / "run.yaml", clients=2, rounds=3, round_timeout=20, model="mcmahan-2nn",
+                       local_epochs=1, min_clients=1)
+    port, run = free_port(), tmp_path / "run"
+    target = f"localhost:{port}"
+    server = procs.start("server", "server", "--config", str(cfg), "--address", f"127.0.0.1:{port}", "--output",
+                         str(run), "--cert", str(certs / "server.pem"), "--key", str(certs / "server.key"),
+                         "--client-ca", str(certs / "ca.pem"), "--tokens", str(tokens))
+    base = ["client", "--server", target, "--config", str(cfg), "--ca", str(certs / "ca.pem"), "--give-up-after", "20"]
+    no_cert = procs.start("no-cert", *base, "--partition-index", "1", "--token-file", str(token_files["client-1"]))
+    foreign = procs.start("foreign", *base, "--partition-index", "1", "--cert", str(other / "client-1.pem"),
+                          "--key", str(other / "client-1.key"), "--token-file", str(token_files["client-1"]))
+    bad_token = tmp_path / "bad.token"
+    bad_token.write_text("not-a-token")
+    wrong_token = procs.start("wrong-token", *base, "--partition-index", "1", "--cert", str(certs / "client-1.pem"),
+                              "--key", str(certs / "client-1.key"), "--token-file", str(bad_token))
+    for proc in (no_cert, foreign, wrong_token):
+        assert finish(proc, 60) == 2, procs.log(proc.name)
+        lines = [ln for ln in procs.log(proc.name).splitlines() if ln.startswith("fedlearn: error:")]
+        assert len(lines) == 1, procs.log(proc.name)
+    assert re.search(r"client certificate", procs.log("no-cert"))
+    assert "unknown or revoked client token" in procs.log("wrong-token")
+    assert server.poll() is None  # still serving
+    good = [procs.start(f"good{i}", *base, "--partition-index", str(i), "--cert", str(certs / f"client-{i}.pem"),
+                        "--key", str(certs / f"client-{i}.key"), "--token-file", str(token_files[f"client-{i}"]))
+            for i in range(2)]
+    assert finish(server) == 0, procs.log("server")
+    assert all(finish(g, 30) == 0 for g in good)
+    assert [r["clients_succeeded"] for r in rows(run)] == [2, 2, 2]
+    assert "TLS, mutual TLS, bearer tokens" in procs.log("server")
+
+
+def test_plaintext_off_loopback_is_refused(tmp_path) -> None:
+    proc = subprocess.run([*FEDLEARN, "server", "--address", "0.0.0.0:0", "--output", str(tmp_path / "r")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "without TLS" in proc.stderr and "Traceback" not in proc.stderr
+    assert not os.path.exists(tmp_path / "r" / "checkpoint.pt")
