@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "127.0.0.1, ::1)")
     certs.add_argument("--client", action="store_true", help="issue a client certificate (default for names "
                        "other than 'server')")
-    certs.add_argument("--force", action="store_true", help="init: replace an existing CA")
+    certs.add_argument("--force", action="store_true", help="replace an existing CA or certificate")
 
     tokens = sub.add_parser("tokens", help="per-client bearer tokens (the server keeps only hashes)")
     tokens.add_argument("action", choices=["add"], help="add NAME: print a new token for client NAME")
@@ -174,7 +174,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
         raise FedLearnError("certs issue needs a NAME: 'server' or a client id such as site-a")
     is_server = args.name == "server" and not args.client
     hosts = args.host or list(DEFAULT_SERVER_HOSTS)
-    paths = issue(folder, args.name, server=is_server, hosts=hosts if is_server else None)
+    paths = issue(folder, args.name, server=is_server, hosts=hosts if is_server else None, force=args.force)
     kind = f"server certificate for {', '.join(hosts)}" if is_server else f"client certificate for {args.name}"
     print(f"{kind}: {paths.cert} (key {paths.key})")
     return 0

@@ -69,7 +69,7 @@ def serve(
     require_tls(address, tls=tls.cert is not None, insecure=insecure, role="server")
     credentials: grpc.ServerCredentials | None = None
     if tls.cert:
-        credentials = server_credentials(tls.cert, tls.key, client_ca=tls.ca, host=address, server_ca=tls.ca)
+        credentials = server_credentials(tls.cert, tls.key, client_ca=tls.ca, host=address)
     store = TokenStore(tokens) if tokens else None
     start = time.perf_counter()
     holder: dict[str, GrpcRuntime] = {}
