@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--client-ca", help="CA certificate clients must be signed by (mutual TLS)")
     server.add_argument("--tokens", help="file of client ids and token hashes (re-read on SIGHUP)")
     server.add_argument("--insecure", action="store_true", help="allow plaintext on a non-loopback address")
+    server.add_argument("--log-format", choices=["text", "json"], default="text", help="json: one object per line")
     _add_config_flags(server, {**RUN_FLAGS, **SERVER_FLAGS})
 
     client = sub.add_parser("client", help="join a `fedlearn server` as one client")
@@ -81,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--key", help="this client's private key (mutual TLS)")
     client.add_argument("--token-file", help="file holding this client's bearer token")
     client.add_argument("--insecure", action="store_true", help="allow plaintext to a non-loopback server")
+    client.add_argument("--log-format", choices=["text", "json"], default="text", help="json: one object per line")
     client.add_argument("--give-up-after", type=float, default=3600.0,
                         help="seconds without reaching the server before exiting (default 3600)")
     _add_config_flags(client, {k: v for k, v in RUN_FLAGS.items() if k not in ("--output",)})
@@ -143,9 +146,9 @@ def cmd_server(args: argparse.Namespace) -> int:
 
     config, given = config_from_args(args)
     tls = TLSFiles(cert=args.cert, key=args.key, ca=args.client_ca)
-    summary = serve(config, args.address, tls=tls, tokens=args.tokens, insecure=args.insecure,
-                    resume=args.resume, rounds=given.get("rounds"))
-    return 0 if not summary.get("stopped") else 143
+    serve(config, args.address, tls=tls, tokens=args.tokens, insecure=args.insecure,
+          resume=args.resume, rounds=given.get("rounds"))
+    return 0
 
 
 def cmd_client(args: argparse.Namespace) -> int:
@@ -190,14 +193,35 @@ def cmd_tokens(args: argparse.Namespace) -> int:
     return 0
 
 
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per log line, for log collectors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"), "level": record.levelname,
+                 "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(args: argparse.Namespace) -> None:
+    """Servers and clients log progress at INFO; `run` shows a progress bar and logs only warnings."""
+    handler = logging.StreamHandler()
+    if getattr(args, "log_format", "text") == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO if args.command in ("server", "client") else logging.WARNING,
+                        handlers=[handler])
+
+
 COMMANDS = {"run": cmd_run, "server": cmd_server, "client": cmd_client, "certs": cmd_certs, "tokens": cmd_tokens}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.INFO if args.command in ("server", "client") else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args)
     try:
         return COMMANDS[args.command](args)
     except FedLearnError as exc:

@@ -198,3 +198,15 @@ def test_plaintext_off_loopback_is_refused(tmp_path) -> None:
     assert proc.returncode == 2
     assert "without TLS" in proc.stderr and "Traceback" not in proc.stderr
     assert not os.path.exists(tmp_path / "r" / "checkpoint.pt")
+
+
+def test_sigterm_stops_the_server_gracefully_with_json_logs(tmp_path, procs) -> None:
+    cfg = write_config(tmp_path / "run.yaml", clients=2, rounds=2)
+    server = procs.start("server", "server", "--config", str(cfg), "--address", f"127.0.0.1:{free_port()}",
+                         "--output", str(tmp_path / "run"), "--log-format", "json")
+    wait_for(lambda: "waiting for clients" in procs.log("server"), 60, "the server to listen")
+    server.send_signal(signal.SIGTERM)
+    assert finish(server, 30) == 0
+    entries = [json.loads(line) for line in procs.log("server").splitlines()]
+    assert {"time", "level", "logger", "message"} <= set(entries[0])
+    assert "continue with: fedlearn server --resume" in entries[-1]["message"]

@@ -44,6 +44,8 @@ class _Task:
     body: bytes
     sha256: bytes
     result: Message | None = None
+    accepted: bool = False  # a result was accepted (kept after the round drops the result itself)
+    result_size: int = 0
     closed: bool = False  # answered, expired or refused: no further upload is accepted
 
 
@@ -108,6 +110,10 @@ class GrpcRuntime:
                           task.round, body, digest(body))
             entries.append(entry)
         with self._cv:
+            if entries:  # forget tombstones of rounds before the previous one
+                oldest = min(e.round for e in entries) - 1
+                for stale in [tid for tid, t in self._tasks.items() if t.closed and t.round < oldest]:
+                    del self._tasks[stale]
             for entry in entries:
                 self._tasks[entry.task_id] = entry
                 self._client(entry.client_id).queue.append(entry)
@@ -144,6 +150,8 @@ class GrpcRuntime:
         if state is not None and entry in state.queue:
             state.queue.remove(entry)
         self._uploads.pop((entry.client_id, entry.task_id), None)
+        entry.body = b""  # the round has moved on: keep only a small tombstone for late or replayed uploads
+        entry.result = None
 
     # ----- the service side, called from gRPC handler threads ------------------------------
     def join(self, client_id: str) -> pb.JoinReply:
@@ -183,8 +191,8 @@ class GrpcRuntime:
     def upload_status(self, client_id: str, transfer_id: str) -> pb.UploadReply:
         with self._cv:
             entry = self._tasks.get(transfer_id)
-            if entry is not None and entry.client_id == client_id and entry.result is not None:
-                return pb.UploadReply(received=len(entry.body), complete=True)
+            if entry is not None and entry.client_id == client_id and entry.accepted:
+                return pb.UploadReply(received=entry.result_size, complete=True)
             assembly = self._uploads.get((client_id, transfer_id))
             return pb.UploadReply(received=assembly.received if assembly else 0)
 
@@ -220,6 +228,8 @@ class GrpcRuntime:
             with self._cv:
                 self._uploads.pop((client_id, entry.task_id), None)
             raise AuthError(grpc.StatusCode.DATA_LOSS, str(exc)) from None
+        with self._cv:  # complete: accepted or refused, the body is no longer held for resumption
+            self._uploads.pop((client_id, entry.task_id), None)
         self._accept(entry, body)
         return pb.UploadReply(received=len(body), complete=True)
 
@@ -232,7 +242,7 @@ class GrpcRuntime:
             if entry.client_id != client_id:
                 raise AuthError(grpc.StatusCode.PERMISSION_DENIED,
                                 f"task {task_id} was given to another client, not {client_id}")
-            if entry.result is not None:
+            if entry.accepted:
                 raise AuthError(grpc.StatusCode.ALREADY_EXISTS, f"a result for task {task_id} was already accepted")
             if entry.closed:
                 log.warning("late result from %s for round %d discarded (the round has moved on)",
@@ -259,9 +269,9 @@ class GrpcRuntime:
             raise AuthError(grpc.StatusCode.INVALID_ARGUMENT,
                             f"update has shape {tuple(result.payload.shape)}; the model needs {self.spec.numel} values")
         with self._cv:
-            if entry.closed or entry.result is not None:
+            if entry.closed or entry.accepted:
                 raise AuthError(grpc.StatusCode.FAILED_PRECONDITION, f"task {entry.task_id} is no longer open")
-            entry.result = result
+            entry.result, entry.accepted, entry.result_size = result, True, len(body)
             self._uploads.pop((entry.client_id, entry.task_id), None)
             state = self._clients.get(entry.client_id)
             if state is not None and entry in state.queue:
