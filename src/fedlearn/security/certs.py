@@ -468,6 +468,19 @@ def check_ca(ca_path: Path) -> None:
     _check_dates(ca, ca_path, "CA certificate")
 
 
+def _check_pair(cert_path: Path, key_path: Path, ca_path: Path | None, role: str, usage) -> x509.Certificate:
+    """The checks servers and clients share: files parse, key matches, dates, usage, and the CA signed it."""
+    cert = _load_cert(cert_path, f"{role} certificate")
+    key = _load_key(key_path, f"{role} key")
+    _check_key_matches(cert, key, cert_path, key_path)
+    _check_dates(cert, cert_path, f"{role} certificate")
+    _check_eku(cert, cert_path, usage, role)
+    if ca_path is not None:
+        check_ca(ca_path)
+        _check_signed_by(cert, _load_cert(ca_path, "CA certificate"), cert_path, ca_path)
+    return cert
+
+
 def check_server_identity(cert_path: Path, key_path: Path, ca_path: Path | None, host: str | None) -> None:
     """Start-up check of a server's certificate and key; raises CertificateError naming what is wrong.
 
@@ -476,14 +489,7 @@ def check_server_identity(cert_path: Path, key_path: Path, ca_path: Path | None,
     SANs cover ``host``, the name or IP clients dial. A bind-all ``host`` (None, '', 0.0.0.0,
     ::) cannot be checked against the SANs and is skipped.
     """
-    cert = _load_cert(cert_path, "server certificate")
-    key = _load_key(key_path, "server key")
-    _check_key_matches(cert, key, cert_path, key_path)
-    _check_dates(cert, cert_path, "server certificate")
-    _check_eku(cert, cert_path, ExtendedKeyUsageOID.SERVER_AUTH, "server")
-    if ca_path is not None:
-        check_ca(ca_path)
-        _check_signed_by(cert, _load_cert(ca_path, "CA certificate"), cert_path, ca_path)
+    cert = _check_pair(cert_path, key_path, ca_path, "server", ExtendedKeyUsageOID.SERVER_AUTH)
     if not is_unspecified_host(host) and not san_covers(cert, host):  # type: ignore[arg-type]
         names = ", ".join(certificate_hosts(cert)) or "no host at all"
         bare = _strip_brackets(host)  # type: ignore[arg-type]
@@ -503,14 +509,7 @@ def check_client_identity(cert_path: Path, key_path: Path, ca_path: Path | None)
     Same checks as ``check_server_identity`` without the host, and the certificate must be
     meant for clients and carry a common name (the client id).
     """
-    cert = _load_cert(cert_path, "client certificate")
-    key = _load_key(key_path, "client key")
-    _check_key_matches(cert, key, cert_path, key_path)
-    _check_dates(cert, cert_path, "client certificate")
-    _check_eku(cert, cert_path, ExtendedKeyUsageOID.CLIENT_AUTH, "client")
-    if ca_path is not None:
-        check_ca(ca_path)
-        _check_signed_by(cert, _load_cert(ca_path, "CA certificate"), cert_path, ca_path)
+    cert = _check_pair(cert_path, key_path, ca_path, "client", ExtendedKeyUsageOID.CLIENT_AUTH)
     client_id = _common_name(cert)
     if client_id is None:
         dns = [san.value for san in _sans(cert) if isinstance(san, x509.DNSName)]
