@@ -53,6 +53,12 @@ def _add_config_flags(parser: argparse.ArgumentParser, flags: dict[str, tuple[ty
         parser.add_argument(flag, type=kind, default=None, help=text)
 
 
+def _add_process_flags(parser: argparse.ArgumentParser, insecure_help: str) -> None:
+    """Flags that `fedlearn server` and `fedlearn client` share."""
+    parser.add_argument("--insecure", action="store_true", help=insecure_help)
+    parser.add_argument("--log-format", choices=["text", "json"], default="text", help="json: one object per line")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedlearn", description="Federated learning of vision models.")
     parser.add_argument("--version", action="version", version=f"fedlearn {__version__}")
@@ -69,8 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--key", help="server private key (PEM)")
     server.add_argument("--client-ca", help="CA certificate clients must be signed by (mutual TLS)")
     server.add_argument("--tokens", help="file of client ids and token hashes (re-read on SIGHUP)")
-    server.add_argument("--insecure", action="store_true", help="allow plaintext on a non-loopback address")
-    server.add_argument("--log-format", choices=["text", "json"], default="text", help="json: one object per line")
+    _add_process_flags(server, "allow plaintext on a non-loopback address")
     _add_config_flags(server, {**RUN_FLAGS, **SERVER_FLAGS})
 
     client = sub.add_parser("client", help="join a `fedlearn server` as one client")
@@ -82,8 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--cert", help="this client's certificate (mutual TLS)")
     client.add_argument("--key", help="this client's private key (mutual TLS)")
     client.add_argument("--token-file", help="file holding this client's bearer token")
-    client.add_argument("--insecure", action="store_true", help="allow plaintext to a non-loopback server")
-    client.add_argument("--log-format", choices=["text", "json"], default="text", help="json: one object per line")
+    _add_process_flags(client, "allow plaintext to a non-loopback server")
     client.add_argument("--give-up-after", type=float, default=3600.0,
                         help="seconds without reaching the server before exiting (default 3600)")
     _add_config_flags(client, {k: v for k, v in RUN_FLAGS.items() if k not in ("--output",)})
