@@ -88,12 +88,23 @@ def _header(message: Message) -> tuple[bytes, list[torch.Tensor]]:
     return json.dumps(doc, separators=(",", ":"), allow_nan=True).encode(), arrays
 
 
-def encode(message: Message) -> bytes:
-    """Serialize a message to bytes (header JSON, then each tensor's raw little-endian bytes)."""
+def encode(message: Message, shared: dict[tuple, bytes] | None = None) -> bytes:
+    """Serialize a message to bytes (header JSON, then each tensor's raw little-endian bytes).
+
+    ``shared`` caches tensor bytes by storage address across calls, so a round's tasks, which all
+    carry the same weights tensor, convert it once; use one dict per batch of messages and do not
+    modify the tensors while it lives.
+    """
     header, arrays = _header(message)
     parts = [_HEADER.pack(_MAGIC, len(header)), header]
     for t in arrays:
-        parts.append(t.numpy().astype(t.numpy().dtype.newbyteorder("<"), copy=False).tobytes())
+        key = (t.data_ptr(), t.numel(), t.dtype)
+        raw = shared.get(key) if shared is not None else None
+        if raw is None:
+            raw = t.numpy().astype(t.numpy().dtype.newbyteorder("<"), copy=False).tobytes()
+            if shared is not None:
+                shared[key] = raw
+        parts.append(raw)
     return b"".join(parts)
 
 

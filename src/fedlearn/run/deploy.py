@@ -188,6 +188,9 @@ def run_client(
     bundle = load_dataset(config.dataset, config.data_dir, download=config.download)
     client_id, data = client_data_for(config, bundle, partition_index, client_id)
     trainer = LocalTrainer(initial_model(config, bundle), config.device)
+    # The first optimizer a process builds imports torch._dynamo (~2 s here): pay it before joining,
+    # not inside round 1's deadline.
+    torch.optim.SGD(trainer.model.parameters(), lr=0.1)
     client = RemoteClient(server, client_id, trainer, data, credentials=credentials, token=token,
                           poll_seconds=poll_seconds, give_up_after=give_up_after)
     logging.getLogger("fedlearn.client").info("client %s joining %s", client_id, server)

@@ -23,7 +23,7 @@ from fedlearn.protocol.messages import EvalTask, TrainTask, decode, encode
 from fedlearn.runtime.grpc import fedlearn_pb2 as pb
 from fedlearn.runtime.grpc import fedlearn_pb2_grpc as pb_grpc
 from fedlearn.runtime.grpc.auth import CLIENT_ID_HEADER
-from fedlearn.runtime.grpc.transfer import chunks, digest
+from fedlearn.runtime.grpc.transfer import Assembly, TransferError, chunks, digest
 
 log = logging.getLogger(__name__)
 
@@ -149,26 +149,21 @@ class RemoteClient:
                 return
             raise
 
-    def _download(self, info: pb.TaskInfo) -> bytes:
+    def _download(self, info: pb.TaskInfo) -> bytearray:
         """Fetch a task's body, resuming from the bytes already received after a broken stream."""
-        buffer = bytearray()
-
-        def fetch(stub: pb_grpc.FedLearnStub) -> bytes:
-            request = pb.DownloadRequest(task_id=info.task_id, offset=len(buffer))
-            for chunk in stub.DownloadTask(request, metadata=self.metadata, timeout=self.rpc_timeout):
-                if chunk.offset != len(buffer):
-                    raise InvalidUpdateError(f"download of {info.task_id} skipped from {len(buffer)} to {chunk.offset}")
-                buffer.extend(chunk.data)
-            if len(buffer) != info.size or digest(bytes(buffer)) != info.sha256:
-                buffer.clear()  # corrupted: fetch it whole again
-                raise _Corrupt()
-            return bytes(buffer)
-
         while True:
+            assembly = Assembly(info.size, info.sha256)
+
+            def fetch(stub: pb_grpc.FedLearnStub, assembly: Assembly = assembly) -> bytearray:
+                request = pb.DownloadRequest(task_id=info.task_id, offset=assembly.received)
+                for chunk in stub.DownloadTask(request, metadata=self.metadata, timeout=self.rpc_timeout):
+                    assembly.add_bytes(chunk.offset, chunk.data)
+                return assembly.body()
+
             try:
                 return self._retrying(f"download {info.task_id}", fetch)
-            except _Corrupt:
-                log.warning("task %s failed its checksum; downloading it again", info.task_id)
+            except TransferError as exc:  # corrupted or inconsistent: fetch it whole again
+                log.warning("task %s download failed (%s); downloading it again", info.task_id, exc)
 
     def _upload(self, task_id: str, body: bytes) -> None:
         """Send a result's body, resuming from what the server already holds after a broken stream."""
@@ -187,12 +182,3 @@ class RemoteClient:
             if reply.complete:
                 return
 
-
-class _Corrupt(grpc.RpcError):
-    """Internal: a downloaded body failed its checksum (retried as a transient fault)."""
-
-    def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.DATA_LOSS
-
-    def details(self) -> str:
-        return "checksum mismatch"

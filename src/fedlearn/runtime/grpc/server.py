@@ -104,8 +104,9 @@ class GrpcRuntime:
 
     def _dispatch(self, tasks: Sequence[Message], kind: str) -> Iterator:
         entries = []
+        shared: dict[tuple, bytes] = {}  # the round's weights are converted to bytes once
         for task in tasks:
-            body = encode(task)
+            body = encode(task, shared)
             entry = _Task(f"{task.round}-{kind}-{task.client_id}-{uuid.uuid4().hex[:12]}", task.client_id, kind,
                           task.round, body, digest(body))
             entries.append(entry)

@@ -33,37 +33,44 @@ class TransferError(ValueError):
 
 
 class Assembly:
-    """Collects one body from chunks that may arrive over several broken and resumed streams."""
+    """Collects one body from chunks that may arrive over several broken and resumed streams.
+
+    The buffer is allocated once at full size and hashed as chunks arrive, so a body is copied
+    into place once and never hashed or copied again.
+    """
 
     def __init__(self, total_size: int, checksum: bytes) -> None:
         self.total_size = total_size
         self.checksum = checksum
-        self.buffer = bytearray()
-
-    @property
-    def received(self) -> int:
-        return len(self.buffer)
+        self.buffer = bytearray(total_size)
+        self.received = 0
+        self._hash = hashlib.sha256()
 
     def add(self, chunk: pb.Chunk) -> None:
-        """Append a chunk; it must continue exactly where the held bytes end, with the same totals."""
+        """Place a chunk; it must continue exactly where the held bytes end, with the same totals."""
         if chunk.total_size != self.total_size or chunk.sha256 != self.checksum:
             raise TransferError("chunk belongs to a different body (size or checksum changed)")
-        if chunk.offset != self.received:
-            raise TransferError(f"chunk starts at byte {chunk.offset} but {self.received} bytes are held; "
+        self.add_bytes(chunk.offset, chunk.data)
+
+    def add_bytes(self, offset: int, data: bytes) -> None:
+        if offset != self.received:
+            raise TransferError(f"chunk starts at byte {offset} but {self.received} bytes are held; "
                                 "resume from UploadStatus's offset")
-        if self.received + len(chunk.data) > self.total_size:
+        end = self.received + len(data)
+        if end > self.total_size:
             raise TransferError("chunk runs past the announced size")
-        self.buffer += chunk.data
+        self.buffer[self.received : end] = data
+        self._hash.update(data)
+        self.received = end
 
     @property
     def complete(self) -> bool:
         return self.received == self.total_size
 
-    def body(self) -> bytes:
-        """The whole body, after checking its SHA-256."""
+    def body(self) -> bytearray:
+        """The whole body (not copied), after checking its SHA-256."""
         if not self.complete:
             raise TransferError(f"only {self.received} of {self.total_size} bytes arrived")
-        data = bytes(self.buffer)
-        if digest(data) != self.checksum:
+        if self._hash.digest() != self.checksum:
             raise TransferError("body does not match its SHA-256; send it again")
-        return data
+        return self.buffer
