@@ -105,20 +105,17 @@ class GrpcRuntime:
     def _dispatch(self, tasks: Sequence[Message], kind: str) -> Iterator:
         entries = []
         shared: dict[tuple, bytes] = {}  # the round's weights are converted to bytes once
-        for task in tasks:
+        if tasks:
+            self._forget_before(min(t.round for t in tasks) - 1)
+        for task in tasks:  # offer each task as soon as it is encoded: downloads overlap the encoding
             body = encode(task, shared)
             entry = _Task(f"{task.round}-{kind}-{task.client_id}-{uuid.uuid4().hex[:12]}", task.client_id, kind,
                           task.round, body, digest(body))
             entries.append(entry)
-        with self._cv:
-            if entries:  # forget tombstones of rounds before the previous one
-                oldest = min(e.round for e in entries) - 1
-                for stale in [tid for tid, t in self._tasks.items() if t.closed and t.round < oldest]:
-                    del self._tasks[stale]
-            for entry in entries:
+            with self._cv:
                 self._tasks[entry.task_id] = entry
                 self._client(entry.client_id).queue.append(entry)
-            self._cv.notify_all()
+                self._cv.notify_all()
         deadline = time.monotonic() + self.round_timeout
         for entry in entries:  # in task order, so the aggregate is summed in a fixed order
             with self._cv:
@@ -136,6 +133,12 @@ class GrpcRuntime:
         with self._cv:
             self.finished = True
             self._cv.notify_all()
+
+    def _forget_before(self, oldest: int) -> None:
+        """Drop the tombstones of tasks from rounds before ``oldest`` (late uploads then get NOT_FOUND)."""
+        with self._cv:
+            for stale in [tid for tid, t in self._tasks.items() if t.closed and t.round < oldest]:
+                del self._tasks[stale]
 
     # ----- helpers under the lock ----------------------------------------------------------
     def _client(self, client_id: str) -> _ClientState:
