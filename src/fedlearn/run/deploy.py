@@ -48,7 +48,6 @@ def serve(
     resume: str | os.PathLike | None = None,
     rounds: int | None = None,
     callbacks: Iterable[RoundCallback] = (),
-    on_listening: Any = None,
 ) -> dict[str, Any]:
     """Run the configured rounds with remote clients; returns the run summary.
 
@@ -97,8 +96,6 @@ def serve(
     security = ("TLS" if credentials else "plaintext") + (", mutual TLS" if tls.ca else "") + (
         ", bearer tokens" if store else "")
     log.info("listening on %s (port %d, %s); run directory %s", address, port, security, run_dir.path)
-    if on_listening is not None:
-        on_listening(port)
     previous = _install_stop_handlers()
     if store is not None and threading.current_thread() is threading.main_thread():
         install_sighup_reload(store)

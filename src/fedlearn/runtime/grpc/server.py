@@ -83,12 +83,10 @@ class GrpcRuntime:
         with self._cv:
             return [cid for cid, c in self._clients.items() if now - c.last_seen <= self.liveness_seconds]
 
-    def wait_for_clients(self, count: int, poll: float = 1.0, stop: threading.Event | None = None) -> None:
+    def wait_for_clients(self, count: int, poll: float = 1.0) -> None:
         """Block until ``count`` live clients have joined (logging progress)."""
         last = -1
         while len(self.client_ids()) < count:
-            if stop is not None and stop.is_set():
-                return
             live = len(self.client_ids())
             if live != last:
                 log.info("waiting for clients: %d of %d connected", live, count)
@@ -116,6 +114,7 @@ class GrpcRuntime:
                 self._tasks[entry.task_id] = entry
                 self._client(entry.client_id).queue.append(entry)
                 self._cv.notify_all()
+        shared.clear()
         deadline = time.monotonic() + self.round_timeout
         for entry in entries:  # in task order, so the aggregate is summed in a fixed order
             with self._cv:
