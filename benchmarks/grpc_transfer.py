@@ -36,10 +36,8 @@ Only 127.0.0.1 is used.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
-import platform
 import socket
 import statistics
 import struct
@@ -52,6 +50,7 @@ from pathlib import Path
 
 import grpc
 import torch
+from machine import machine_info, write_results
 
 from fedlearn.client.config import LocalConfig
 from fedlearn.client.data import ClientData
@@ -649,16 +648,9 @@ def concurrency_part(clients: int, rounds: int, helpers: int) -> dict:
 
 # ============================================================================================
 
-def machine_info() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"torch": torch.__version__, "grpcio": grpc.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "processor": cpu, "cpu_count": os.cpu_count(),
-            "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}
+def malloc_env() -> dict[str, str]:
+    """glibc malloc settings from the environment (they change this benchmark's copies a lot)."""
+    return {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -681,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
     output = args.output or default
 
     doc: dict = {"benchmark": "grpc_transfer", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                 "machine": machine_info(), "argv": sys.argv[1:]}
+                 "machine": machine_info(grpcio=grpc.__version__, malloc_env=malloc_env()), "argv": sys.argv[1:]}
     started = time.perf_counter()
     if not args.skip_transfer:
         print(f"Part 1: transfer, {n_transfer} clients, {reps} timed reps (+1 warm-up), interleaved", flush=True)
@@ -721,8 +713,7 @@ def main(argv: list[str] | None = None) -> int:
     doc["total_s"] = time.perf_counter() - started
     print(f"total {doc['total_s']:.0f} s")
     if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(doc, indent=2) + "\n")
+        write_results(output, doc)
         print(f"wrote {output}")
     return 0
 

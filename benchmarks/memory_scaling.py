@@ -29,14 +29,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+from machine import machine_info, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GOAL = 1.20
@@ -151,25 +151,6 @@ def mib(kib: int) -> float:
     return kib / 1024.0
 
 
-def machine_info() -> dict:
-    import torch
-
-    mem_total = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem_total = int(line.split()[1])
-    except OSError:
-        pass
-    return {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "mem_total_kib": mem_total,
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -270,9 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             "results": results,
             "argv": sys.argv[1:],
         }
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(doc, indent=2) + "\n")
-        print(f"wrote {output}")
+        write_results(output, doc)
     return 0
 
 

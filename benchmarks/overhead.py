@@ -24,9 +24,7 @@ accounting, seeding torch's global generator per client for models that do use r
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,6 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from machine import machine_info, write_results
 
 from fedlearn.models import build_model
 from fedlearn.run.config import RunConfig
@@ -247,27 +246,6 @@ def bench(threads: int, rounds: int, reps: int) -> dict:
     }
 
 
-def machine_info() -> dict:
-    return {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "processor": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "cuda_available": torch.cuda.is_available(),
-    }
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="10 rounds, 2 reps, 1 thread only (smoke run)")
@@ -322,9 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             "results": results,
             "argv": sys.argv[1:],
         }
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(doc, indent=2) + "\n")
-        print(f"wrote {output}")
+        write_results(output, doc)
     return 0
 
 
