@@ -12,7 +12,8 @@ class LocalConfig:
 
     ``mode`` is ``"delta"`` (train ``local_epochs`` epochs and return new - global, FedAvg and
     FedProx) or ``"gradient"`` (return one full-batch gradient at the global weights, FedSGD).
-    ``mu`` is FedProx's proximal coefficient; 0 disables the term.
+    ``mu`` is FedProx's proximal coefficient; 0 disables the term. ``clip_norm`` > 0 clips the
+    update to that L2 norm before it leaves the client (the first client-side transform, DP).
     """
 
     local_epochs: int = 1
@@ -24,6 +25,7 @@ class LocalConfig:
     mode: str = "delta"
     seed: int = 0
     eval_batch_size: int = 512
+    clip_norm: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -11,6 +11,7 @@ from fedlearn.client.batches import iter_batches
 from fedlearn.client.config import LocalConfig
 from fedlearn.client.data import ClientData
 from fedlearn.errors import ConfigError, DataError
+from fedlearn.privacy.dp import clip_by_norm
 from fedlearn.protocol.messages import EvalResult, EvalTask, TrainResult, TrainTask
 from fedlearn.protocol.params import ModelVector
 
@@ -57,11 +58,15 @@ class LocalTrainer:
         seed_torch(cfg.seed, self.device)
         self.vector.load(task.weights.to(self.device))
         if cfg.mode == "gradient":
-            payload, loss, n = self._full_gradient(data.train, cfg)
+            update, loss, n = self._full_gradient(data.train, cfg)
         else:
             loss, n = self._train(data, cfg)
-            payload = self.vector.read().sub_(task.weights)
-        return TrainResult(task.round, task.client_id, n, payload, {"train_loss": loss})
+            update = self.vector.read().sub_(task.weights)
+        metrics = {"train_loss": loss}
+        payload = update
+        if cfg.clip_norm > 0:  # client-side transforms: delta -> clip -> payload
+            payload, _ = clip_by_norm(update, cfg.clip_norm)
+        return TrainResult(task.round, task.client_id, n, payload, metrics)
 
     def _train(self, data: ClientData, cfg: LocalConfig) -> tuple[float, int]:
         model = self.model

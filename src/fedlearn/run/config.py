@@ -13,6 +13,9 @@ import yaml
 from fedlearn.errors import ConfigError
 
 EVALUATIONS = ("centralized", "federated", "both")
+DP_MODES = ("none", "central")
+ACCOUNTANTS = ("rdp", "pld")
+TARGET_MODES = ("calibrate", "stop")
 
 
 @dataclass
@@ -40,6 +43,14 @@ class RunConfig:
     shards_per_client: int = 2
     client_test_fraction: float = 0.2
     evaluation: str = "centralized"
+    dp: str = "none"
+    noise_multiplier: float = 1.0
+    clip_norm: float = 1.0
+    delta: float | None = None
+    target_epsilon: float | None = None
+    target_mode: str = "calibrate"
+    accountant: str = "rdp"
+    dp_noise_seed: int | None = None
     seed: int = 0
     threads: int = 1
     device: str = "cpu"
@@ -59,6 +70,10 @@ class RunConfig:
         _one_of("algorithm", self.algorithm, ALGORITHMS)
         _one_of("partition", self.partition, PARTITIONS)
         _one_of("evaluation", self.evaluation, EVALUATIONS)
+        _one_of("dp", self.dp, DP_MODES)
+        _one_of("accountant", self.accountant, ACCOUNTANTS)
+        _one_of("target_mode", self.target_mode, TARGET_MODES)
+        self._validate_dp()
         for name in ("clients", "rounds", "local_epochs", "batch_size", "shards_per_client", "threads", "min_clients"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{_flag(name)} must be a positive integer; got {getattr(self, name)}")
@@ -82,6 +97,21 @@ class RunConfig:
         if self.evaluation != "centralized" and self.client_test_fraction == 0:
             raise ConfigError("--evaluation federated needs client test data; set --client-test-fraction > 0")
         return self
+
+    def _validate_dp(self) -> None:
+        if self.dp == "none":
+            return
+        if self.algorithm not in ("fedavg", "fedprox"):
+            raise ConfigError(f"--dp central works with fedavg or fedprox (a noised weighted sum); "
+                              f"got --algorithm {self.algorithm}")
+        if self.clip_norm <= 0:
+            raise ConfigError(f"--clip-norm must be > 0 with --dp; got {self.clip_norm}")
+        if self.noise_multiplier < 0:
+            raise ConfigError(f"--noise-multiplier must be >= 0; got {self.noise_multiplier}")
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise ConfigError(f"--delta must be in (0, 1); got {self.delta}")
+        if self.target_epsilon is not None and self.target_epsilon <= 0:
+            raise ConfigError(f"--target-epsilon must be > 0; got {self.target_epsilon}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -17,6 +17,7 @@ from fedlearn.client.data import ClientData
 from fedlearn.client.trainer import LocalTrainer
 from fedlearn.data import DatasetBundle, label_counts, load_dataset, partition_indices, split_train_test
 from fedlearn.models import build_model
+from fedlearn.privacy.accountant import calibrate_noise_multiplier, default_delta
 from fedlearn.protocol.params import ModelVector, ParamSpec
 from fedlearn.run.config import RunConfig
 from fedlearn.runtime.base import Runtime
@@ -24,7 +25,8 @@ from fedlearn.runtime.inprocess import InProcessRuntime
 from fedlearn.seeding import derive_seed
 from fedlearn.server.evaluation import CentralEvaluator
 from fedlearn.server.loop import RoundCallback, RoundLoop
-from fedlearn.strategies import build_strategy
+from fedlearn.strategies import Strategy, build_strategy
+from fedlearn.strategies.dp_fedavg import DPFedAvg
 
 
 @dataclass
@@ -95,6 +97,34 @@ def local_config(config: RunConfig) -> LocalConfig:
 RuntimeFactory = Callable[[RunConfig, ParamSpec], Runtime]
 
 
+def resolve_privacy(config: RunConfig) -> RunConfig:
+    """Fill in what DP derives: delta's default, and the noise multiplier calibrated to a target epsilon."""
+    if config.dp == "none":
+        return config
+    changes: dict = {}
+    delta = config.delta if config.delta is not None else default_delta(config.clients)
+    changes["delta"] = delta
+    if config.target_epsilon is not None and config.target_mode == "calibrate":
+        changes["noise_multiplier"] = calibrate_noise_multiplier(
+            config.target_epsilon, sampling_rate=config.fraction, steps=config.rounds, delta=delta,
+            kind=config.accountant)
+    return config.updated(changes)
+
+
+def strategy_for(config: RunConfig) -> Strategy:
+    """The configured algorithm, wrapped in client-level central DP when ``config.dp`` asks for it."""
+    local = local_config(config)
+    if config.dp == "none":
+        return build_strategy(config.algorithm, local, mu=config.mu)
+    config = resolve_privacy(config)
+    if config.algorithm == "fedprox":
+        local = replace(local, mu=config.mu)
+    return DPFedAvg(local, clip_norm=config.clip_norm, noise_multiplier=config.noise_multiplier,
+                    num_clients=config.clients, sampling_rate=config.fraction, delta=config.delta,
+                    accountant=config.accountant, target_epsilon=config.target_epsilon,
+                    stop_at_budget=config.target_mode == "stop", noise_seed=config.dp_noise_seed)
+
+
 def build_experiment(
     config: RunConfig,
     *,
@@ -122,9 +152,10 @@ def build_experiment(
     if config.evaluation in ("centralized", "both"):
         evaluator = CentralEvaluator(server_model, bundle.test, config.device)
     loop = RoundLoop(
-        build_strategy(config.algorithm, local_config(config), mu=config.mu), client_runtime, vector.spec,
+        strategy_for(config), client_runtime, vector.spec,
         vector.read(), fraction=config.fraction, min_clients=config.min_clients,
         min_fit_fraction=config.min_fit_fraction, seed=config.seed,
+        sampling="poisson" if config.dp != "none" else "uniform",
         evaluator=evaluator, federated_eval=config.evaluation in ("federated", "both"),
         checkpoint_path=checkpoint_path, callbacks=callbacks,
     )

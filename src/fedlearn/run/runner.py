@@ -9,7 +9,7 @@ from typing import Any
 
 from fedlearn.errors import ConfigError
 from fedlearn.run.config import RunConfig
-from fedlearn.run.experiment import Experiment, RuntimeFactory, build_experiment
+from fedlearn.run.experiment import Experiment, RuntimeFactory, build_experiment, resolve_privacy
 from fedlearn.run.rundir import RunDir, default_run_dir
 from fedlearn.server.loop import RoundCallback
 
@@ -32,7 +32,7 @@ def prepare_run(
         if config is None:
             raise ConfigError("give a config or --resume DIR")
         run_dir = RunDir(config.output or default_run_dir())
-        config = config.updated({"output": str(run_dir.path)})
+        config = resolve_privacy(config.updated({"output": str(run_dir.path)}).validate())
     config.validate()
     callbacks = [run_dir.append_metrics, *callbacks]
     experiment = build_experiment(config, runtime=runtime, checkpoint_path=run_dir.checkpoint, callbacks=callbacks)
@@ -67,6 +67,9 @@ def finish_run(experiment: Experiment, run_dir: RunDir, wall_seconds: float) -> 
         "bytes_down": sum(r["bytes_down"] for r in history),
         "run_dir": str(run_dir.path),
     }
+    privacy = getattr(experiment.loop.strategy, "privacy_summary", None)
+    if privacy is not None:
+        summary.update(privacy())
     run_dir.finish(summary, experiment.load_global(), history)
     return summary
 

@@ -16,7 +16,7 @@ from fedlearn.protocol.messages import EvalResult, wire_size
 from fedlearn.protocol.params import ParamSpec, check_vector
 from fedlearn.runtime.base import ClientFailure, Runtime
 from fedlearn.server.checkpoint import load_checkpoint, save_checkpoint
-from fedlearn.server.sampling import sample_clients
+from fedlearn.server.sampling import poisson_sample, sample_clients
 from fedlearn.server.validation import check_result
 from fedlearn.strategies.base import Strategy
 
@@ -44,6 +44,7 @@ class RoundLoop:
         fraction: float = 1.0,
         min_clients: int = 1,
         min_fit_fraction: float = 0.0,
+        sampling: str = "uniform",
         seed: int = 0,
         evaluator: Evaluator | None = None,
         federated_eval: bool = False,
@@ -58,6 +59,7 @@ class RoundLoop:
         self.fraction = fraction
         self.min_clients = min_clients
         self.min_fit_fraction = min_fit_fraction
+        self.sampling = sampling
         self.seed = seed
         self.evaluator = evaluator
         self.federated_eval = federated_eval
@@ -68,7 +70,7 @@ class RoundLoop:
 
     def run(self, num_rounds: int) -> list[dict[str, Any]]:
         """Run until ``num_rounds`` rounds are complete in total (resumed rounds count)."""
-        while self.round < num_rounds:
+        while self.round < num_rounds and self.strategy.can_continue(self.round + 1):
             self.run_round()
         return self.history
 
@@ -76,7 +78,10 @@ class RoundLoop:
         """One complete round; returns the history row it appended."""
         start = time.perf_counter()
         rnd = self.round + 1
-        sampled = sample_clients(self.runtime.client_ids(), self.fraction, self.min_clients, self.seed, rnd)
+        if self.sampling == "poisson":
+            sampled = poisson_sample(self.runtime.client_ids(), self.fraction, self.seed, rnd)
+        else:
+            sampled = sample_clients(self.runtime.client_ids(), self.fraction, self.min_clients, self.seed, rnd)
         tasks = self.strategy.configure_train(rnd, self.weights, sampled, self.seed)
         by_client = {t.client_id: t for t in tasks}
         aggregation = self.strategy.begin_aggregation(rnd, self.weights)
@@ -102,7 +107,7 @@ class RoundLoop:
         failed.extend(by_client)  # tasks that got no answer at all
         needed = max(self.min_clients, math.ceil(self.min_fit_fraction * len(tasks) - 1e-9), 1)
         aggregated = aggregation.count >= needed
-        if aggregated:
+        if aggregated or self.strategy.aggregates_empty_rounds:
             self.weights = aggregation.finish()
         else:
             log.warning("round %d: only %d of %d clients succeeded (need %d); weights unchanged",
@@ -117,6 +122,7 @@ class RoundLoop:
             "bytes_up": bytes_up,
             "bytes_down": bytes_down,
         }
+        row.update(self.strategy.round_metrics())
         row.update(self._evaluate(rnd))
         row["seconds"] = time.perf_counter() - start
         self.round = rnd

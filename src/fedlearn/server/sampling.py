@@ -24,3 +24,11 @@ def sample_clients(client_ids: list[str], fraction: float, min_clients: int, see
     rng = np.random.default_rng([seed, round])
     chosen = np.sort(rng.choice(len(client_ids), size=m, replace=False))
     return [client_ids[i] for i in chosen]
+
+
+def poisson_sample(client_ids: list[str], rate: float, seed: int, round: int) -> list[str]:
+    """Each client joins ``round`` independently with probability ``rate`` (what DP accounting assumes)."""
+    if not 0 < rate <= 1:
+        raise ConfigError(f"--fraction (the Poisson sampling rate) must be in (0, 1]; got {rate}")
+    coins = np.random.default_rng([seed, round, 0x5EED]).random(len(client_ids))
+    return [cid for cid, coin in zip(client_ids, coins) if coin < rate]

@@ -39,6 +39,9 @@ class Strategy(ABC):
     """
 
     name = "strategy"
+    # DP-FedAvg must release a (noised) update even when few or no sampled clients answered,
+    # or the number of answers would leak through whether the model changed.
+    aggregates_empty_rounds = False
 
     def __init__(self, local: LocalConfig | None = None) -> None:
         self.local = local or LocalConfig()
@@ -78,6 +81,14 @@ class Strategy(ABC):
             "accuracy": sum(r.accuracy * r.num_examples for r in results) / n,
             "num_examples": n,
         }
+
+    def round_metrics(self) -> dict[str, Any]:
+        """Extra fields for this round's metrics row (e.g. the privacy spent so far)."""
+        return {}
+
+    def can_continue(self, next_round: int) -> bool:
+        """False when running ``next_round`` would break a limit the strategy keeps (a privacy budget)."""
+        return True
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume this strategy after a restart."""
