@@ -42,6 +42,7 @@ RUN_FLAGS: dict[str, tuple[type, str]] = {
     "--target-epsilon": (float, "privacy budget: calibrate the noise to it, or stop before exceeding it"),
     "--target-mode": (str, "calibrate (choose --noise-multiplier for --rounds) or stop (end the run at the budget)"),
     "--accountant": (str, "rdp or pld (Google's dp-accounting)"),
+    "--adaptive-clip-quantile": (float, "adapt --clip-norm to this quantile of update norms (Andrew et al. 2021)"),
     "--seed": (int, "seed for every random choice"),
     "--threads": (int, "torch intra-op threads (1 is fastest for small models on 2 cores)"),
     "--device": (str, "cpu, cuda, cuda:N or auto"),
@@ -224,6 +225,8 @@ def configure_logging(args: argparse.Namespace) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO if args.command in ("server", "client") else logging.WARNING,
                         handlers=[handler])
+    # dp-accounting logs every RDP order it skips for small noise; the epsilon it returns is still right
+    logging.getLogger("absl").setLevel(logging.ERROR)
 
 
 COMMANDS = {"run": cmd_run, "server": cmd_server, "client": cmd_client, "certs": cmd_certs, "tokens": cmd_tokens}

@@ -135,3 +135,30 @@ def test_target_epsilon_can_stop_the_run_before_the_budget(tmp_path: Path) -> No
 def test_dp_refuses_a_strategy_that_breaks_the_guarantee(tmp_path: Path, capsys) -> None:
     assert main(["run", "--quiet", "--dp", "central", "--algorithm", "fedsgd", "--output", str(tmp_path / "r")]) == 2
     assert "--dp central works with fedavg or fedprox" in capsys.readouterr().err
+
+
+def test_adaptive_clipping_moves_the_norm_geometrically_towards_the_quantile() -> None:
+    """C <- C exp(-eta (b - gamma)), b the privatized fraction of updates within C (Andrew et al. 2021)."""
+    strategy = DPFedAvg(LocalConfig(), clip_norm=4.0, noise_multiplier=0.0, num_clients=10, sampling_rate=1.0,
+                        delta=1e-5, adaptive_quantile=0.5, clip_learning_rate=0.2, clipped_count_stddev=1e-12,
+                        noise_seed=0)
+    agg = strategy.begin_aggregation(1, torch.zeros(2))
+    for k, norm in enumerate([1.0, 2.0, 3.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0]):  # 3 of 10 within C = 4
+        update = torch.tensor([norm, 0.0])
+        agg.add(TrainResult(1, f"c{k}", 1, update, {"below_clip": float(norm <= 4.0)}), update)
+    agg.finish()
+    assert strategy.clip_norm == pytest.approx(4.0 * math.exp(-0.2 * (0.3 - 0.5)), rel=1e-9)
+    assert strategy.local.clip_norm == strategy.clip_norm  # the next round's clients clip to the new norm
+    assert strategy.round_metrics()["clip_norm"] == 4.0  # the norm this round used
+
+
+def test_adaptive_clipping_in_a_run_is_accounted(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert main(["run", *FAST, "--dp", "central", "--fraction", "0.5", "--noise-multiplier", "0.05", "--clip-norm",
+                 "20", "--adaptive-clip-quantile", "0.5", "--rounds", "10", "--output", str(out)]) == 0
+    rows = _rows(out)
+    norms = [r["clip_norm"] for r in rows]
+    assert norms[0] == 20 and norms[-1] < norms[0] * 0.6  # far above every update norm, C comes down
+    reference = PrivacyAccountant(noise_multiplier=0.05, sampling_rate=0.5, delta=1 / 20 ** 1.1,
+                                  clipped_count_stddev=0.5 * 20 / 20)
+    assert rows[-1]["epsilon"] == pytest.approx(reference.epsilon_after(10), rel=1e-9)

@@ -65,7 +65,8 @@ class LocalTrainer:
         metrics = {"train_loss": loss}
         payload = update
         if cfg.clip_norm > 0:  # client-side transforms: delta -> clip -> payload
-            payload, _ = clip_by_norm(update, cfg.clip_norm)
+            payload, norm = clip_by_norm(update, cfg.clip_norm)
+            metrics["below_clip"] = float(norm <= cfg.clip_norm)  # for adaptive clipping's quantile estimate
         return TrainResult(task.round, task.client_id, n, payload, metrics)
 
     def _train(self, data: ClientData, cfg: LocalConfig) -> tuple[float, int]:

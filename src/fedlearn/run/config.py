@@ -50,6 +50,8 @@ class RunConfig:
     target_epsilon: float | None = None
     target_mode: str = "calibrate"
     accountant: str = "rdp"
+    adaptive_clip_quantile: float | None = None
+    clip_learning_rate: float = 0.2
     dp_noise_seed: int | None = None
     seed: int = 0
     threads: int = 1
@@ -110,6 +112,8 @@ class RunConfig:
             raise ConfigError(f"--noise-multiplier must be >= 0; got {self.noise_multiplier}")
         if self.delta is not None and not 0 < self.delta < 1:
             raise ConfigError(f"--delta must be in (0, 1); got {self.delta}")
+        if self.adaptive_clip_quantile is not None and not 0 < self.adaptive_clip_quantile < 1:
+            raise ConfigError(f"--adaptive-clip-quantile must be in (0, 1); got {self.adaptive_clip_quantile}")
         if self.target_epsilon is not None and self.target_epsilon <= 0:
             raise ConfigError(f"--target-epsilon must be > 0; got {self.target_epsilon}")
 

@@ -107,8 +107,15 @@ def resolve_privacy(config: RunConfig) -> RunConfig:
     if config.target_epsilon is not None and config.target_mode == "calibrate":
         changes["noise_multiplier"] = calibrate_noise_multiplier(
             config.target_epsilon, sampling_rate=config.fraction, steps=config.rounds, delta=delta,
-            kind=config.accountant)
+            kind=config.accountant, clipped_count_stddev=clipped_count_stddev(config))
     return config.updated(changes)
+
+
+def clipped_count_stddev(config: RunConfig) -> float | None:
+    """Noise on adaptive clipping's count (Andrew et al.'s m/20 for m expected clients), or None."""
+    if config.adaptive_clip_quantile is None:
+        return None
+    return config.fraction * config.clients / 20
 
 
 def strategy_for(config: RunConfig) -> Strategy:
@@ -122,7 +129,8 @@ def strategy_for(config: RunConfig) -> Strategy:
     return DPFedAvg(local, clip_norm=config.clip_norm, noise_multiplier=config.noise_multiplier,
                     num_clients=config.clients, sampling_rate=config.fraction, delta=config.delta,
                     accountant=config.accountant, target_epsilon=config.target_epsilon,
-                    stop_at_budget=config.target_mode == "stop", noise_seed=config.dp_noise_seed)
+                    stop_at_budget=config.target_mode == "stop", noise_seed=config.dp_noise_seed,
+                    adaptive_quantile=config.adaptive_clip_quantile, clip_learning_rate=config.clip_learning_rate)
 
 
 def build_experiment(
