@@ -162,3 +162,36 @@ def test_adaptive_clipping_in_a_run_is_accounted(tmp_path: Path) -> None:
     reference = PrivacyAccountant(noise_multiplier=0.05, sampling_rate=0.5, delta=1 / 20 ** 1.1,
                                   clipped_count_stddev=0.5 * 20 / 20)
     assert rows[-1]["epsilon"] == pytest.approx(reference.epsilon_after(10), rel=1e-9)
+
+
+def test_local_dp_clients_noise_their_own_updates(tmp_path: Path) -> None:
+    """What leaves a client is clip(update) + N(0, (z C)^2): the server never sees the clean update."""
+    from fedlearn.protocol.messages import TrainTask
+    from fedlearn.strategies.dp_fedavg import LocalDPFedAvg
+
+    strategy = LocalDPFedAvg(LocalConfig(local_epochs=1, batch_size=8, lr=0.1), clip_norm=0.5, noise_multiplier=2.0,
+                             delta=1e-5, noise_seed=11)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    trainer = LocalTrainer(model, "cpu")
+    weights = trainer.vector.read()
+    data = _equal_clients(k=1, n=64)["c0"]
+    task = strategy.configure_train(1, weights, ["c0"], seed=1)[0]
+    noisy = trainer.fit(task, data)
+    clean = trainer.fit(TrainTask(1, "c0", weights, {**task.config, "local_noise_std": 0.0}), data)
+    assert float(torch.linalg.vector_norm(clean.payload.double())) <= 0.5 + 1e-6
+    noise = (noisy.payload - clean.payload).double()
+    assert float(noise.std()) == pytest.approx(2.0 * 0.5, rel=0.15)  # 51 values: a loose statistical bound
+    assert "below_clip" not in noisy.metrics
+    # per client, every round, sensitivity 2C: noise multiplier z / 2 without sampling
+    reference = PrivacyAccountant(noise_multiplier=1.0, sampling_rate=1.0, delta=1e-5)
+    strategy.begin_aggregation(1, weights)
+    assert strategy.round_metrics()["epsilon"] == pytest.approx(reference.epsilon_after(1))
+
+
+def test_local_dp_run_reports_a_per_client_epsilon(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert main(["run", *FAST, "--dp", "local", "--target-epsilon", "20", "--rounds", "3", "--clip-norm", "1",
+                 "--output", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dp"] == "local" and summary["epsilon"] == pytest.approx(20, rel=0.01)

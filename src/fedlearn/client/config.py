@@ -13,7 +13,9 @@ class LocalConfig:
     ``mode`` is ``"delta"`` (train ``local_epochs`` epochs and return new - global, FedAvg and
     FedProx) or ``"gradient"`` (return one full-batch gradient at the global weights, FedSGD).
     ``mu`` is FedProx's proximal coefficient; 0 disables the term. ``clip_norm`` > 0 clips the
-    update to that L2 norm before it leaves the client (the first client-side transform, DP).
+    update to that L2 norm before it leaves the client (the first client-side transform, DP);
+    ``local_noise_std`` > 0 then adds N(0, std^2) noise on the client (local DP), drawn from the
+    OS's CSPRNG unless ``noise_seed`` is set (tests only).
     """
 
     local_epochs: int = 1
@@ -26,6 +28,8 @@ class LocalConfig:
     seed: int = 0
     eval_batch_size: int = 512
     clip_norm: float = 0.0
+    local_noise_std: float = 0.0
+    noise_seed: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -11,7 +11,7 @@ from fedlearn.client.batches import iter_batches
 from fedlearn.client.config import LocalConfig
 from fedlearn.client.data import ClientData
 from fedlearn.errors import ConfigError, DataError
-from fedlearn.privacy.dp import clip_by_norm
+from fedlearn.privacy.dp import clip_by_norm, gaussian_noise, noise_generator
 from fedlearn.protocol.messages import EvalResult, EvalTask, TrainResult, TrainTask
 from fedlearn.protocol.params import ModelVector
 
@@ -64,9 +64,13 @@ class LocalTrainer:
             update = self.vector.read().sub_(task.weights)
         metrics = {"train_loss": loss}
         payload = update
-        if cfg.clip_norm > 0:  # client-side transforms: delta -> clip -> payload
+        if cfg.clip_norm > 0:  # client-side transforms: delta -> clip -> local noise -> payload
             payload, norm = clip_by_norm(update, cfg.clip_norm)
             metrics["below_clip"] = float(norm <= cfg.clip_norm)  # for adaptive clipping's quantile estimate
+        if cfg.local_noise_std > 0:
+            generator = noise_generator(cfg.noise_seed)
+            payload = (payload.double() + gaussian_noise(payload.numel(), cfg.local_noise_std, generator)).float()
+            metrics.pop("below_clip", None)  # an untrusted server learns nothing beyond the noised update
         return TrainResult(task.round, task.client_id, n, payload, metrics)
 
     def _train(self, data: ClientData, cfg: LocalConfig) -> tuple[float, int]:

@@ -13,7 +13,7 @@ import yaml
 from fedlearn.errors import ConfigError
 
 EVALUATIONS = ("centralized", "federated", "both")
-DP_MODES = ("none", "central")
+DP_MODES = ("none", "central", "local")
 ACCOUNTANTS = ("rdp", "pld")
 TARGET_MODES = ("calibrate", "stop")
 
@@ -104,8 +104,10 @@ class RunConfig:
         if self.dp == "none":
             return
         if self.algorithm not in ("fedavg", "fedprox"):
-            raise ConfigError(f"--dp central works with fedavg or fedprox (a noised weighted sum); "
+            raise ConfigError(f"--dp {self.dp} works with fedavg or fedprox (a noised weighted sum); "
                               f"got --algorithm {self.algorithm}")
+        if self.dp == "local" and (self.target_mode == "stop" or self.adaptive_clip_quantile is not None):
+            raise ConfigError("--dp local supports --target-mode calibrate only, without --adaptive-clip-quantile")
         if self.clip_norm <= 0:
             raise ConfigError(f"--clip-norm must be > 0 with --dp; got {self.clip_norm}")
         if self.noise_multiplier < 0:

@@ -26,7 +26,7 @@ from fedlearn.seeding import derive_seed
 from fedlearn.server.evaluation import CentralEvaluator
 from fedlearn.server.loop import RoundCallback, RoundLoop
 from fedlearn.strategies import Strategy, build_strategy
-from fedlearn.strategies.dp_fedavg import DPFedAvg
+from fedlearn.strategies.dp_fedavg import DPFedAvg, LocalDPFedAvg
 
 
 @dataclass
@@ -104,7 +104,11 @@ def resolve_privacy(config: RunConfig) -> RunConfig:
     changes: dict = {}
     delta = config.delta if config.delta is not None else default_delta(config.clients)
     changes["delta"] = delta
-    if config.target_epsilon is not None and config.target_mode == "calibrate":
+    if config.target_epsilon is not None and config.target_mode == "calibrate" and config.dp == "local":
+        # every round counts for a client, with sensitivity 2C: calibrate z / 2 without sampling
+        changes["noise_multiplier"] = 2 * calibrate_noise_multiplier(
+            config.target_epsilon, sampling_rate=1.0, steps=config.rounds, delta=delta, kind=config.accountant)
+    elif config.target_epsilon is not None and config.target_mode == "calibrate":
         changes["noise_multiplier"] = calibrate_noise_multiplier(
             config.target_epsilon, sampling_rate=config.fraction, steps=config.rounds, delta=delta,
             kind=config.accountant, clipped_count_stddev=clipped_count_stddev(config))
@@ -126,6 +130,9 @@ def strategy_for(config: RunConfig) -> Strategy:
     config = resolve_privacy(config)
     if config.algorithm == "fedprox":
         local = replace(local, mu=config.mu)
+    if config.dp == "local":
+        return LocalDPFedAvg(local, clip_norm=config.clip_norm, noise_multiplier=config.noise_multiplier,
+                             delta=config.delta, accountant=config.accountant, noise_seed=config.dp_noise_seed)
     return DPFedAvg(local, clip_norm=config.clip_norm, noise_multiplier=config.noise_multiplier,
                     num_clients=config.clients, sampling_rate=config.fraction, delta=config.delta,
                     accountant=config.accountant, target_epsilon=config.target_epsilon,
@@ -163,7 +170,7 @@ def build_experiment(
         strategy_for(config), client_runtime, vector.spec,
         vector.read(), fraction=config.fraction, min_clients=config.min_clients,
         min_fit_fraction=config.min_fit_fraction, seed=config.seed,
-        sampling="poisson" if config.dp != "none" else "uniform",
+        sampling="poisson" if config.dp == "central" else "uniform",
         evaluator=evaluator, federated_eval=config.evaluation in ("federated", "both"),
         checkpoint_path=checkpoint_path, callbacks=callbacks,
     )

@@ -22,6 +22,8 @@ from fedlearn.errors import ConfigError
 from fedlearn.privacy.accountant import PrivacyAccountant
 from fedlearn.privacy.dp import clip_by_norm, gaussian_noise, noise_generator
 from fedlearn.protocol.messages import TrainResult
+from fedlearn.seeding import derive_seed
+from fedlearn.strategies.aggregate import WeightedMean
 from fedlearn.strategies.base import Aggregation
 from fedlearn.strategies.fedavg import FedAvg
 
@@ -136,3 +138,69 @@ class DPFedAvg(FedAvg):
         super().load_state_dict(state)
         self.accountant.load_state_dict(state["accountant"])
         self.clip_norm = float(state["clip_norm"])
+
+
+class LocalDPFedAvg(FedAvg):
+    """Local DP for an untrusted server: each client clips to C and adds N(0, (z C)^2) before sending.
+
+    The server only averages (uniformly: sample counts are not privatized, so they are not used).
+    The guarantee is per client and per release: replacing a client's data moves its clipped
+    update by at most 2C, so each round it takes part in is a Gaussian mechanism with noise
+    multiplier z / 2 on that sensitivity; the accountant composes every round (the server knows
+    who took part, so there is no amplification by sampling).
+    """
+
+    name = "local-dp-fedavg"
+
+    def __init__(self, local: LocalConfig | None = None, *, clip_norm: float, noise_multiplier: float,
+                 delta: float, accountant: str = "rdp", noise_seed: int | None = None) -> None:
+        if clip_norm <= 0 or noise_multiplier <= 0:
+            raise ConfigError("--dp local needs --clip-norm > 0 and --noise-multiplier > 0")
+        super().__init__(replace(local or LocalConfig(), clip_norm=clip_norm,
+                                 local_noise_std=noise_multiplier * clip_norm))
+        self.clip_norm, self.noise_multiplier, self.noise_seed = clip_norm, noise_multiplier, noise_seed
+        self.accountant = PrivacyAccountant(noise_multiplier=noise_multiplier / 2, sampling_rate=1.0, delta=delta,
+                                            kind=accountant)
+
+    def task_config(self, round: int, client_id: str, seed: int) -> dict[str, Any]:
+        config = super().task_config(round, client_id, seed)
+        if self.noise_seed is not None:
+            config["noise_seed"] = derive_seed(self.noise_seed, round, client_id)
+        return config
+
+    def begin_aggregation(self, round: int, weights: torch.Tensor) -> Aggregation:
+        self.accountant.step()
+        return UniformMean(weights)
+
+    def round_metrics(self) -> dict[str, Any]:
+        return {"epsilon": self.accountant.epsilon()}
+
+    def privacy_summary(self) -> dict[str, Any]:
+        return {**self.accountant.summary(), "noise_multiplier": self.noise_multiplier, "clip_norm": self.clip_norm,
+                "accounted_noise_multiplier": self.noise_multiplier / 2, "dp": "local",
+                "epsilon_is": "per client, replace-one (sensitivity 2C), composed over every round"}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "accountant": self.accountant.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.accountant.load_state_dict(state["accountant"])
+
+
+class UniformMean(Aggregation):
+    """global + mean of the received updates, each counted once."""
+
+    def __init__(self, weights: torch.Tensor) -> None:
+        self.weights = weights
+        self._mean = WeightedMean()
+
+    def add(self, result: TrainResult, update: torch.Tensor) -> None:
+        self._mean.add(update, 1.0)
+
+    @property
+    def count(self) -> int:
+        return self._mean.count
+
+    def finish(self) -> torch.Tensor:
+        return self.weights + self._mean.mean()
