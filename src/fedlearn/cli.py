@@ -36,7 +36,7 @@ RUN_FLAGS: dict[str, tuple[type, str]] = {
     "--client-test-fraction": (float, "share of each client's data held out as its local test set"),
     "--evaluation": (str, "centralized, federated or both"),
     "--dp": (str, "none; central: DP-FedAvg (clip, server-side Gaussian noise, Poisson sampling); local: clients "
-             "clip and noise their own updates (untrusted server)"),
+             "clip and noise their own updates (untrusted server); dpsgd: sample-level DP-SGD in local training"),
     "--noise-multiplier": (float, "Gaussian noise std as a multiple of --clip-norm"),
     "--clip-norm": (float, "L2 bound on each client's update"),
     "--delta": (float, "DP delta (default 1 / clients^1.1)"),

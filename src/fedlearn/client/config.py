@@ -15,7 +15,8 @@ class LocalConfig:
     ``mu`` is FedProx's proximal coefficient; 0 disables the term. ``clip_norm`` > 0 clips the
     update to that L2 norm before it leaves the client (the first client-side transform, DP);
     ``local_noise_std`` > 0 then adds N(0, std^2) noise on the client (local DP), drawn from the
-    OS's CSPRNG unless ``noise_seed`` is set (tests only).
+    OS's CSPRNG unless ``noise_seed`` is set (tests only). ``dpsgd_clip`` > 0 trains with DP-SGD:
+    per-example clipping to that norm and noise multiplier ``dpsgd_noise`` on Poisson batches.
     """
 
     local_epochs: int = 1
@@ -30,6 +31,8 @@ class LocalConfig:
     clip_norm: float = 0.0
     local_noise_std: float = 0.0
     noise_seed: int | None = None
+    dpsgd_clip: float = 0.0
+    dpsgd_noise: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

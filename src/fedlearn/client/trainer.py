@@ -10,6 +10,7 @@ from torch.utils.data import Dataset
 from fedlearn.client.batches import iter_batches
 from fedlearn.client.config import LocalConfig
 from fedlearn.client.data import ClientData
+from fedlearn.client.dpsgd import poisson_batches, private_gradients
 from fedlearn.errors import ConfigError, DataError
 from fedlearn.privacy.dp import clip_by_norm, gaussian_noise, noise_generator
 from fedlearn.protocol.messages import EvalResult, EvalTask, TrainResult, TrainTask
@@ -84,18 +85,29 @@ class LocalTrainer:
         batch_size = data.batch_size or cfg.batch_size
         loss_sum = torch.zeros((), device=self.device)
         seen = 0
-        for _ in range(cfg.local_epochs):
-            for x, y in iter_batches(data.train, batch_size, shuffle=True, generator=generator, device=self.device):
-                optimizer.zero_grad(set_to_none=True)
+        if cfg.dpsgd_clip > 0:
+            batches = poisson_batches(data.train, batch_size, cfg.local_epochs, generator, self.device)
+            noise = noise_generator(cfg.noise_seed)
+        else:
+            batches = (b for _ in range(cfg.local_epochs)
+                       for b in iter_batches(data.train, batch_size, shuffle=True, generator=generator,
+                                             device=self.device))
+        for x, y in batches:
+            optimizer.zero_grad(set_to_none=True)
+            if cfg.dpsgd_clip > 0:
+                loss = torch.tensor(private_gradients(
+                    model, x, y, clip_norm=cfg.dpsgd_clip, noise_multiplier=cfg.dpsgd_noise,
+                    expected_batch=min(batch_size, len(data.train)), generator=noise) / max(len(y), 1))
+            else:
                 loss = F.cross_entropy(model(x), y)
                 loss.backward()
-                if anchor is not None:
-                    # FedProx: gradient of mu/2 * ||w - w_global||^2 added to the data loss's.
-                    for p, p0 in zip(self._params, anchor):
-                        p.grad.add_(p.detach() - p0, alpha=cfg.mu)
-                optimizer.step()
-                loss_sum += loss.detach() * y.shape[0]
-                seen += y.shape[0]
+            if anchor is not None:
+                # FedProx: gradient of mu/2 * ||w - w_global||^2 added to the data loss's.
+                for p, p0 in zip(self._params, anchor):
+                    p.grad.add_(p.detach() - p0, alpha=cfg.mu)
+            optimizer.step()
+            loss_sum += loss.detach() * y.shape[0]
+            seen += y.shape[0]
         return float(loss_sum) / max(seen, 1), len(data.train)
 
     def _full_gradient(self, dataset: Dataset, cfg: LocalConfig) -> tuple[torch.Tensor, float, int]:

@@ -13,7 +13,7 @@ import yaml
 from fedlearn.errors import ConfigError
 
 EVALUATIONS = ("centralized", "federated", "both")
-DP_MODES = ("none", "central", "local")
+DP_MODES = ("none", "central", "local", "dpsgd")
 ACCOUNTANTS = ("rdp", "pld")
 TARGET_MODES = ("calibrate", "stop")
 
@@ -106,8 +106,12 @@ class RunConfig:
         if self.algorithm not in ("fedavg", "fedprox"):
             raise ConfigError(f"--dp {self.dp} works with fedavg or fedprox (a noised weighted sum); "
                               f"got --algorithm {self.algorithm}")
-        if self.dp == "local" and (self.target_mode == "stop" or self.adaptive_clip_quantile is not None):
-            raise ConfigError("--dp local supports --target-mode calibrate only, without --adaptive-clip-quantile")
+        if self.dp in ("local", "dpsgd") and (self.target_epsilon is not None and self.target_mode == "stop"
+                                              or self.adaptive_clip_quantile is not None):
+            raise ConfigError(f"--dp {self.dp} supports --target-mode calibrate only, without --adaptive-clip-quantile")
+        if self.dp == "dpsgd" and self.target_epsilon is not None:
+            raise ConfigError("--dp dpsgd: give --noise-multiplier (calibrating to --target-epsilon needs each "
+                              "client's data size, which the server does not know before training)")
         if self.clip_norm <= 0:
             raise ConfigError(f"--clip-norm must be > 0 with --dp; got {self.clip_norm}")
         if self.noise_multiplier < 0:

@@ -27,6 +27,7 @@ from fedlearn.server.evaluation import CentralEvaluator
 from fedlearn.server.loop import RoundCallback, RoundLoop
 from fedlearn.strategies import Strategy, build_strategy
 from fedlearn.strategies.dp_fedavg import DPFedAvg, LocalDPFedAvg
+from fedlearn.strategies.dpsgd import DPSGDFedAvg
 
 
 @dataclass
@@ -130,6 +131,9 @@ def strategy_for(config: RunConfig) -> Strategy:
     config = resolve_privacy(config)
     if config.algorithm == "fedprox":
         local = replace(local, mu=config.mu)
+    if config.dp == "dpsgd":
+        return DPSGDFedAvg(local, clip_norm=config.clip_norm, noise_multiplier=config.noise_multiplier,
+                           delta=config.delta, accountant=config.accountant, noise_seed=config.dp_noise_seed)
     if config.dp == "local":
         return LocalDPFedAvg(local, clip_norm=config.clip_norm, noise_multiplier=config.noise_multiplier,
                              delta=config.delta, accountant=config.accountant, noise_seed=config.dp_noise_seed)

@@ -55,7 +55,10 @@ class Strategy(ABC):
         self.local = replace(self.local, **changes)
 
     def task_config(self, round: int, client_id: str, seed: int) -> dict[str, Any]:
-        return replace(self.local, seed=derive_seed(seed, round, client_id)).to_dict()
+        noise_seed = self.local.noise_seed  # tests only: each task gets its own reproducible privacy noise
+        if noise_seed is not None:
+            noise_seed = derive_seed(noise_seed, round, client_id)
+        return replace(self.local, seed=derive_seed(seed, round, client_id), noise_seed=noise_seed).to_dict()
 
     def configure_train(
         self, round: int, weights: torch.Tensor, client_ids: list[str], seed: int

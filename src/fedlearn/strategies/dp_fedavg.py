@@ -22,7 +22,6 @@ from fedlearn.errors import ConfigError
 from fedlearn.privacy.accountant import PrivacyAccountant
 from fedlearn.privacy.dp import clip_by_norm, gaussian_noise, noise_generator
 from fedlearn.protocol.messages import TrainResult
-from fedlearn.seeding import derive_seed
 from fedlearn.strategies.aggregate import WeightedMean
 from fedlearn.strategies.base import Aggregation
 from fedlearn.strategies.fedavg import FedAvg
@@ -157,16 +156,10 @@ class LocalDPFedAvg(FedAvg):
         if clip_norm <= 0 or noise_multiplier <= 0:
             raise ConfigError("--dp local needs --clip-norm > 0 and --noise-multiplier > 0")
         super().__init__(replace(local or LocalConfig(), clip_norm=clip_norm,
-                                 local_noise_std=noise_multiplier * clip_norm))
-        self.clip_norm, self.noise_multiplier, self.noise_seed = clip_norm, noise_multiplier, noise_seed
+                                 local_noise_std=noise_multiplier * clip_norm, noise_seed=noise_seed))
+        self.clip_norm, self.noise_multiplier = clip_norm, noise_multiplier
         self.accountant = PrivacyAccountant(noise_multiplier=noise_multiplier / 2, sampling_rate=1.0, delta=delta,
                                             kind=accountant)
-
-    def task_config(self, round: int, client_id: str, seed: int) -> dict[str, Any]:
-        config = super().task_config(round, client_id, seed)
-        if self.noise_seed is not None:
-            config["noise_seed"] = derive_seed(self.noise_seed, round, client_id)
-        return config
 
     def begin_aggregation(self, round: int, weights: torch.Tensor) -> Aggregation:
         self.accountant.step()
