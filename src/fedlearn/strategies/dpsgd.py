@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -43,15 +44,12 @@ class DPSGDFedAvg(FedAvg):
         return self.accountants[client_id]
 
     def begin_aggregation(self, round: int, weights: torch.Tensor) -> Aggregation:
-        strategy = self
+        return _AccountedUpdates(weights, self._account)
 
-        class Accounted(WeightedUpdateAggregation):
-            def add(self, result: TrainResult, update: torch.Tensor) -> None:
-                super().add(result, update)
-                steps = steps_per_round(result.num_examples, strategy.local.batch_size, strategy.local.local_epochs)
-                strategy._accountant(result.client_id, result.num_examples).step(steps)
-
-        return Accounted(weights, 1.0)
+    def _account(self, result: TrainResult) -> None:
+        """An accepted update released this client's local DP-SGD steps."""
+        steps = steps_per_round(result.num_examples, self.local.batch_size, self.local.local_epochs)
+        self._accountant(result.client_id, result.num_examples).step(steps)
 
     def epsilon(self) -> float:
         return max((a.epsilon() for a in self.accountants.values()), default=0.0)
@@ -70,3 +68,15 @@ class DPSGDFedAvg(FedAvg):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.accountants = {k: PrivacyAccountant.from_state_dict(v) for k, v in state["accountants"].items()}
+
+
+class _AccountedUpdates(WeightedUpdateAggregation):
+    """FedAvg's weighted mean that also reports each accepted result to the strategy's accountants."""
+
+    def __init__(self, weights: torch.Tensor, on_add: Callable[[TrainResult], None]) -> None:
+        super().__init__(weights, 1.0)
+        self.on_add = on_add
+
+    def add(self, result: TrainResult, update: torch.Tensor) -> None:
+        super().add(result, update)
+        self.on_add(result)
