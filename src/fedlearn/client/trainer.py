@@ -12,6 +12,7 @@ from fedlearn.client.config import LocalConfig
 from fedlearn.client.data import ClientData
 from fedlearn.client.dpsgd import poisson_batches, private_gradients
 from fedlearn.errors import ConfigError, DataError
+from fedlearn.metrics import BinaryScores
 from fedlearn.privacy.dp import clip_by_norm, gaussian_noise, noise_generator
 from fedlearn.protocol.messages import EvalResult, EvalTask, TrainResult, TrainTask
 from fedlearn.protocol.params import ModelVector
@@ -126,19 +127,28 @@ class LocalTrainer:
         return grads, float(loss_sum) / n, n
 
     def evaluate(self, task: EvalTask, data: ClientData) -> EvalResult:
-        """Loss and accuracy of the task's weights on the client's test data."""
+        """Loss and accuracy of the task's weights on the client's test data.
+
+        For a two-output model the metrics also carry confusion counts and a margin histogram,
+        which the server sums exactly across clients (``fedlearn.metrics.pool_federated``).
+        """
         cfg = LocalConfig.from_dict(task.config)
         dataset = data.test if data.test is not None else data.train
         self.vector.load(task.weights.to(self.device))
-        loss, accuracy, n = evaluate_model(self.model, dataset, self.device, cfg.eval_batch_size)
-        return EvalResult(task.round, task.client_id, n, loss, accuracy)
+        scores = BinaryScores()
+        loss, accuracy, n = evaluate_model(self.model, dataset, self.device, cfg.eval_batch_size, scores=scores)
+        return EvalResult(task.round, task.client_id, n, loss, accuracy, scores.federated_payload())
 
 
 @torch.no_grad()
 def evaluate_model(
-    model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 512
+    model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 512,
+    *, scores: BinaryScores | None = None,
 ) -> tuple[float, float, int]:
-    """Mean cross-entropy, accuracy and sample count of ``model`` on ``dataset``."""
+    """Mean cross-entropy, accuracy and sample count of ``model`` on ``dataset``.
+
+    ``scores``, when given, also sees every batch's logits and labels (for binary-task metrics).
+    """
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
@@ -148,6 +158,8 @@ def evaluate_model(
         loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
         correct += (logits.argmax(dim=1) == y).sum()
         n += y.shape[0]
+        if scores is not None:
+            scores.update(logits, y)
     if n == 0:
         return 0.0, 0.0, 0
     return float(loss_sum) / n, int(correct) / n, n

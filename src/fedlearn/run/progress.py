@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fedlearn.metrics import BINARY_KEYS
 from fedlearn.run.config import RunConfig
 
 
@@ -59,6 +60,9 @@ class RunProgress:
         table.add_row("final accuracy", _fmt(summary["final_accuracy"]))
         table.add_row("best accuracy", _fmt(summary["best_accuracy"]))
         table.add_row("final loss", _fmt(summary["final_loss"]))
+        for key in BINARY_KEYS:  # binary tasks only
+            if f"final_{key}" in summary:
+                table.add_row(f"final {key.replace('_', ' ')}", _fmt(summary[f"final_{key}"]))
         table.add_row("wall seconds", f"{summary['wall_seconds']:.1f}")
         table.add_row("MB up / down", f"{summary['bytes_up'] / 1e6:.1f} / {summary['bytes_down'] / 1e6:.1f}")
         table.add_row("run directory", summary["run_dir"])

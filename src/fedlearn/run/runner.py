@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from fedlearn.errors import ConfigError
+from fedlearn.metrics import BINARY_KEYS
 from fedlearn.run.config import RunConfig
 from fedlearn.run.experiment import Experiment, RuntimeFactory, build_experiment, resolve_privacy
 from fedlearn.run.rundir import RunDir, default_run_dir
@@ -67,6 +68,8 @@ def finish_run(experiment: Experiment, run_dir: RunDir, wall_seconds: float) -> 
         "bytes_down": sum(r["bytes_down"] for r in history),
         "run_dir": str(run_dir.path),
     }
+    # Binary tasks (two classes): the last round's ROC AUC, sensitivity, specificity, balanced accuracy.
+    summary.update({f"final_{k}": last[f"test_{k}"] for k in BINARY_KEYS if f"test_{k}" in last})
     privacy = getattr(experiment.loop.strategy, "privacy_summary", None)
     if privacy is not None:
         summary.update(privacy())

@@ -7,6 +7,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from fedlearn.client.trainer import evaluate_model, resolve_device
+from fedlearn.metrics import BinaryScores
 from fedlearn.protocol.params import ModelVector
 
 
@@ -22,6 +23,14 @@ class CentralEvaluator:
 
     def __call__(self, weights: torch.Tensor) -> tuple[float, float]:
         """(mean loss, accuracy) of ``weights`` on the server's test set."""
+        scores = self.score(weights)
+        return scores["loss"], scores["accuracy"]
+
+    def score(self, weights: torch.Tensor) -> dict[str, float | None]:
+        """Loss and accuracy, plus exact ROC AUC, sensitivity, specificity and balanced accuracy when the
+        model has two outputs (positive class 1); ``fedlearn.metrics`` defines them."""
         self.vector.load(weights.to(self.device))
-        loss, accuracy, _ = evaluate_model(self.vector.module, self.dataset, self.device, self.batch_size)
-        return loss, accuracy
+        binary = BinaryScores()
+        loss, accuracy, _ = evaluate_model(self.vector.module, self.dataset, self.device, self.batch_size,
+                                           scores=binary)
+        return {"loss": loss, "accuracy": accuracy, **binary.metrics()}
