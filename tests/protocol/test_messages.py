@@ -19,7 +19,17 @@ from fedlearn.client.data import ClientData
 from fedlearn.client.trainer import LocalTrainer
 from fedlearn.data import ArrayDataset, load_dataset
 from fedlearn.errors import InvalidUpdateError
-from fedlearn.protocol.messages import EvalResult, EvalTask, TrainResult, TrainTask, decode, encode, wire_size
+from fedlearn.protocol.messages import (
+    EvalResult,
+    EvalTask,
+    SecureReply,
+    SecureTask,
+    TrainResult,
+    TrainTask,
+    decode,
+    encode,
+    wire_size,
+)
 from fedlearn.protocol.params import ModelVector
 from fedlearn.runtime.base import ClientFailure
 from fedlearn.runtime.inprocess import InProcessRuntime
@@ -78,6 +88,10 @@ def sample_messages() -> list:
         EvalTask(4, "client-0", torch.tensor(2.5), {}),  # 0-d tensor
         EvalResult(5, "client-2", 360, 0.123456789012345, 0.97, {"per_class": [0.5, 1.0], "none": None}),
         EvalResult(5, "c", 0, 0.0, 0.0),
+        TrainResult(6, "m", 0, torch.arange(-3, 3, dtype=torch.int32), {}, {"secagg": True, "secagg_rejected": ["b"]}),
+        SecureTask(7, "client-1", "secagg-share", {"peers": {"a": {"x": 1, "c_pk": "AAAA"}}, "threshold": 2}),
+        SecureReply(7, "client-1", "he-decrypt", {}, torch.randn(9, generator=g).double()),
+        SecureTask(8, "k", "he-decrypt", {"chunk_sizes": [3, 2]}, torch.arange(5, dtype=torch.uint8)),
     ]
 
 

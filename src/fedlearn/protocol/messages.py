@@ -40,6 +40,31 @@ class TrainResult:
     num_examples: int
     payload: torch.Tensor
     metrics: dict[str, float] = field(default_factory=dict)
+    # Secure aggregation's side data (senders whose relayed shares failed authentication, HE chunk
+    # sizes); empty for plain results. num_examples is 0 there: the weight travels inside the sum.
+    protocol: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SecureTask:
+    """One step of a secure-aggregation protocol (key advertisement, share relay, unmasking, HE decryption)."""
+
+    round: int
+    client_id: str
+    stage: str
+    data: dict[str, Any] = field(default_factory=dict)
+    blob: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.uint8))
+
+
+@dataclass
+class SecureReply:
+    """A client's answer to a SecureTask: JSON-able ``data`` plus an optional byte ``blob`` (ciphertexts)."""
+
+    round: int
+    client_id: str
+    stage: str
+    data: dict[str, Any] = field(default_factory=dict)
+    blob: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.uint8))
 
 
 @dataclass
@@ -64,8 +89,8 @@ class EvalResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-Message = TrainTask | TrainResult | EvalTask | EvalResult
-_TYPES = {cls.__name__: cls for cls in (TrainTask, TrainResult, EvalTask, EvalResult)}
+Message = TrainTask | TrainResult | EvalTask | EvalResult | SecureTask | SecureReply
+_TYPES = {cls.__name__: cls for cls in (TrainTask, TrainResult, EvalTask, EvalResult, SecureTask, SecureReply)}
 
 
 def _header(message: Message) -> tuple[bytes, list[torch.Tensor]]:

@@ -16,6 +16,8 @@ EVALUATIONS = ("centralized", "federated", "both")
 DP_MODES = ("none", "central", "local", "dpsgd")
 ACCOUNTANTS = ("rdp", "pld")
 TARGET_MODES = ("calibrate", "stop")
+SECURE_MODES = ("none", "secagg", "secagg+")
+HE_MODES = ("none", "ckks")
 
 
 @dataclass
@@ -53,6 +55,15 @@ class RunConfig:
     adaptive_clip_quantile: float | None = None
     clip_learning_rate: float = 0.2
     dp_noise_seed: int | None = None
+    secure_aggregation: str = "none"
+    secagg_threshold: float = 0.67
+    secagg_bits: int = 32
+    secagg_clip: float | None = None
+    secagg_neighbours: int | None = None
+    secagg_max_weight: int | None = None
+    he: str = "none"
+    he_keys: str | None = None
+    he_key_holder: str | None = None
     seed: int = 0
     threads: int = 1
     device: str = "cpu"
@@ -76,6 +87,7 @@ class RunConfig:
         _one_of("accountant", self.accountant, ACCOUNTANTS)
         _one_of("target_mode", self.target_mode, TARGET_MODES)
         self._validate_dp()
+        self._validate_secure()
         for name in ("clients", "rounds", "local_epochs", "batch_size", "shards_per_client", "threads", "min_clients"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{_flag(name)} must be a positive integer; got {getattr(self, name)}")
@@ -122,6 +134,30 @@ class RunConfig:
             raise ConfigError(f"--adaptive-clip-quantile must be in (0, 1); got {self.adaptive_clip_quantile}")
         if self.target_epsilon is not None and self.target_epsilon <= 0:
             raise ConfigError(f"--target-epsilon must be > 0; got {self.target_epsilon}")
+
+    def _validate_secure(self) -> None:
+        _one_of("secure_aggregation", self.secure_aggregation, SECURE_MODES)
+        _one_of("he", self.he, HE_MODES)
+        if self.secure_aggregation != "none" and self.he != "none":
+            raise ConfigError("choose one of --secure-aggregation and --he: both hide individual updates")
+        if (self.secure_aggregation != "none" or self.he != "none") and self.dp == "dpsgd":
+            raise ConfigError("--dp dpsgd keeps a per-client accountant from each client's sample count, which "
+                              "secure aggregation hides; use --dp central or local with it")
+        if self.secure_aggregation != "none":
+            if not (0 < self.secagg_threshold < 1 or (self.secagg_threshold >= 2 and
+                                                       float(self.secagg_threshold).is_integer())):
+                raise ConfigError("--secagg-threshold must be a fraction in (0, 1) of the sampled clients or a "
+                                  f"count >= 2; got {self.secagg_threshold}")
+            if not 8 <= self.secagg_bits <= 64:
+                raise ConfigError(f"--secagg-bits must be between 8 and 64; got {self.secagg_bits}")
+            if self.secagg_clip is not None and self.secagg_clip <= 0:
+                raise ConfigError(f"--secagg-clip must be > 0; got {self.secagg_clip}")
+            if self.secagg_neighbours is not None and self.secagg_neighbours < 2:
+                raise ConfigError(f"--secagg-neighbours must be >= 2; got {self.secagg_neighbours}")
+            if self.secagg_max_weight is not None and self.secagg_max_weight < 1:
+                raise ConfigError(f"--secagg-max-weight must be >= 1; got {self.secagg_max_weight}")
+        if self.he != "none" and not self.he_keys:
+            raise ConfigError("--he ckks needs --he-keys DIR made by `fedlearn he keygen --dir DIR`")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlearn.client.data import ClientData
+from fedlearn.client.secure import SecureClients
 from fedlearn.client.trainer import LocalTrainer
 from fedlearn.data import DatasetBundle, load_dataset
 from fedlearn.errors import ConfigError
@@ -36,6 +37,19 @@ class TLSFiles:
 
 class Stopped(Exception):
     """SIGTERM or SIGINT arrived: stop after saving nothing more than the last completed round."""
+
+
+def upload_bytes_per_value(config: RunConfig) -> float:
+    """The largest upload per model value: float32 updates, 8-byte masked sums above 32 bits, CKKS ciphertexts
+    (at most 2 polynomials x L primes x 8 bytes per N/2 values) and the key holder's float64 sum."""
+    if config.he == "ckks":
+        from fedlearn.privacy import he
+
+        params = he.context_params(he.load_public_context(Path(config.he_keys) / "public.ctx"))
+        return max(8.0, 32.0 * len(params.coeff_mod_bit_sizes) + 1)
+    if config.secure_aggregation != "none" and config.secagg_bits > 32:
+        return 8.0
+    return 4.0
 
 
 def serve(
@@ -74,7 +88,8 @@ def serve(
     holder: dict[str, GrpcRuntime] = {}
 
     def make_runtime(cfg: RunConfig, spec: ParamSpec) -> GrpcRuntime:
-        holder["runtime"] = GrpcRuntime(spec, round_timeout=cfg.round_timeout, total_rounds=cfg.rounds)
+        holder["runtime"] = GrpcRuntime(spec, round_timeout=cfg.round_timeout, total_rounds=cfg.rounds,
+                                        bytes_per_value=upload_bytes_per_value(cfg))
         return holder["runtime"]
 
     def report(row: dict[str, Any]) -> None:
@@ -190,6 +205,7 @@ def run_client(
     torch.optim.SGD(trainer.model.parameters(), lr=0.1)
     client = RemoteClient(server, client_id, trainer, data, credentials=credentials, token=token,
                           poll_seconds=poll_seconds, give_up_after=give_up_after)
+    client.secure = SecureClients(config.he_keys)  # public.ctx to encrypt; secret.ctx only on the key holder
     logging.getLogger("fedlearn.client").info("client %s joining %s", client_id, server)
     try:
         return client.run()

@@ -6,6 +6,7 @@ import copy
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,8 +15,10 @@ from torch.utils.data import Subset
 
 from fedlearn.client.config import LocalConfig
 from fedlearn.client.data import ClientData
+from fedlearn.client.secure import SecureClients
 from fedlearn.client.trainer import LocalTrainer
 from fedlearn.data import DatasetBundle, label_counts, load_dataset, partition_indices, split_train_test
+from fedlearn.errors import ConfigError
 from fedlearn.models import build_model
 from fedlearn.privacy.accountant import calibrate_noise_multiplier, default_delta
 from fedlearn.protocol.params import ModelVector, ParamSpec
@@ -25,6 +28,7 @@ from fedlearn.runtime.inprocess import InProcessRuntime
 from fedlearn.seeding import derive_seed
 from fedlearn.server.evaluation import CentralEvaluator
 from fedlearn.server.loop import RoundCallback, RoundLoop
+from fedlearn.server.secure import HomomorphicRound, SecAggSettings, SecureAggregationRound
 from fedlearn.strategies import Strategy, build_strategy
 from fedlearn.strategies.dp_fedavg import DPFedAvg, LocalDPFedAvg
 from fedlearn.strategies.dpsgd import DPSGDFedAvg
@@ -144,6 +148,27 @@ def strategy_for(config: RunConfig) -> Strategy:
                     adaptive_quantile=config.adaptive_clip_quantile, clip_learning_rate=config.clip_learning_rate)
 
 
+def secure_round(config: RunConfig, strategy: Strategy, length: int,
+                 clients: dict[str, ClientData]) -> SecureAggregationRound | HomomorphicRound | None:
+    """The secure-aggregation or HE exchange ``config`` asks for, checked against the strategy; None without one."""
+    if config.he == "ckks":
+        SecAggSettings(max_weight=1).check(strategy)  # the same rule: only strategies that need just the sum
+        return HomomorphicRound(str(Path(config.he_keys) / "public.ctx"), length, config.he_key_holder)
+    if config.secure_aggregation == "none":
+        return None
+    max_weight = config.secagg_max_weight
+    if max_weight is None:
+        if not clients:
+            raise ConfigError("--secure-aggregation with remote clients needs --secagg-max-weight: the largest "
+                              "sample count any client may hold")
+        max_weight = max(len(c.train) for c in clients.values())
+    clip = config.secagg_clip or (config.clip_norm if config.dp in ("central", "local") else 1.0)
+    settings = SecAggSettings(config.secure_aggregation, config.secagg_threshold, config.secagg_bits, clip,
+                              config.secagg_neighbours, max_weight)
+    settings.check(strategy)
+    return SecureAggregationRound(settings, length)
+
+
 def build_experiment(
     config: RunConfig,
     *,
@@ -163,19 +188,22 @@ def build_experiment(
     vector = ModelVector(server_model)
     if runtime is None:
         clients, info = build_clients(config, bundle)
-        client_runtime: Runtime = InProcessRuntime(LocalTrainer(model, config.device), clients)
+        client_runtime: Runtime = InProcessRuntime(LocalTrainer(model, config.device), clients,
+                                                   SecureClients(config.he_keys))
     else:
         clients, info = {}, []
         client_runtime = runtime(config, vector.spec)
     evaluator = None
     if config.evaluation in ("centralized", "both"):
         evaluator = CentralEvaluator(server_model, bundle.test, config.device)
+    strategy = strategy_for(config)
     loop = RoundLoop(
-        strategy_for(config), client_runtime, vector.spec,
+        strategy, client_runtime, vector.spec,
         vector.read(), fraction=config.fraction, min_clients=config.min_clients,
         min_fit_fraction=config.min_fit_fraction, seed=config.seed,
         sampling="poisson" if config.dp == "central" else "uniform",
         evaluator=evaluator, federated_eval=config.evaluation in ("federated", "both"),
         checkpoint_path=checkpoint_path, callbacks=callbacks,
+        secure=secure_round(config, strategy, vector.spec.numel, clients),
     )
     return Experiment(config, bundle, clients, info, loop, server_model)

@@ -6,7 +6,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from fedlearn.protocol.messages import EvalResult, EvalTask, TrainResult, TrainTask
+from fedlearn.protocol.messages import EvalResult, EvalTask, SecureReply, SecureTask, TrainResult, TrainTask
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,10 @@ class Runtime(Protocol):
 
     def evaluate(self, tasks: Sequence[EvalTask]) -> Iterator[EvalResult | ClientFailure]:
         """Deliver evaluation tasks; yield each answer as it arrives."""
+        ...
+
+    def exchange(self, tasks: Sequence[SecureTask]) -> Iterator[SecureReply | ClientFailure]:
+        """Deliver secure-aggregation protocol steps; yield each reply as it arrives."""
         ...
 
     def close(self) -> None:

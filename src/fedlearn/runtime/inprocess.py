@@ -6,8 +6,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 
 from fedlearn.client.data import ClientData
+from fedlearn.client.secure import SecureClients
 from fedlearn.client.trainer import LocalTrainer
-from fedlearn.protocol.messages import EvalResult, EvalTask, TrainResult, TrainTask
+from fedlearn.protocol.messages import EvalResult, EvalTask, SecureReply, SecureTask, TrainResult, TrainTask
 from fedlearn.runtime.base import ClientFailure
 
 
@@ -18,16 +19,22 @@ class InProcessRuntime:
     simulation they are bugs to fix, not network faults to ride out.
     """
 
-    def __init__(self, trainer: LocalTrainer, clients: Mapping[str, ClientData]) -> None:
+    def __init__(self, trainer: LocalTrainer, clients: Mapping[str, ClientData],
+                 secure: SecureClients | None = None) -> None:
         self.trainer = trainer
         self.clients = dict(clients)
+        self.secure = secure or SecureClients()  # each simulated client's secure-aggregation secrets
 
     def client_ids(self) -> list[str]:
         return list(self.clients)
 
     def train(self, tasks: Sequence[TrainTask]) -> Iterator[TrainResult | ClientFailure]:
         for task in tasks:
-            yield self.trainer.fit(task, self.clients[task.client_id])
+            yield self.secure.finish_train(task, self.trainer.fit(task, self.clients[task.client_id]))
+
+    def exchange(self, tasks: Sequence[SecureTask]) -> Iterator[SecureReply | ClientFailure]:
+        for task in tasks:
+            yield self.secure.handle(task)
 
     def evaluate(self, tasks: Sequence[EvalTask]) -> Iterator[EvalResult | ClientFailure]:
         # Clients that share one test Dataset object (the seed example gives all five the same

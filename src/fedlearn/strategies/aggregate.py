@@ -23,6 +23,15 @@ class WeightedMean:
         self.total_weight += weight
         self.count += 1
 
+    def add_sum(self, weighted_sum: torch.Tensor, total_weight: float, count: int) -> None:
+        """Fold in sum_k w_k v_k over ``count`` vectors at once (what secure aggregation reveals)."""
+        if total_weight <= 0 or count <= 0:
+            raise ValueError(f"a summed contribution needs positive weight and count, got {total_weight}, {count}")
+        summed = weighted_sum.to(torch.float64)
+        self._sum = summed.clone() if self._sum is None else self._sum.add_(summed)
+        self.total_weight += total_weight
+        self.count += count
+
     def mean(self) -> torch.Tensor:
         """sum_k w_k v_k / sum_k w_k as float32."""
         if self._sum is None:

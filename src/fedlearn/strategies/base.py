@@ -10,6 +10,7 @@ import torch
 
 from fedlearn.client.config import LocalConfig
 from fedlearn.errors import ConfigError
+from fedlearn.metrics import pool_federated
 from fedlearn.protocol.messages import EvalResult, EvalTask, TrainResult, TrainTask
 from fedlearn.seeding import derive_seed
 
@@ -30,6 +31,10 @@ class Aggregation(ABC):
     def finish(self) -> torch.Tensor:
         """The new global weights."""
 
+    def add_sum(self, weighted_sum: torch.Tensor, total_weight: float, count: int, extras: dict[str, int]) -> None:
+        """Fold in the securely aggregated sum of ``count`` clients' weighted updates and their summed ``extras``."""
+        raise ConfigError(f"{type(self).__name__} needs each client's update; it cannot use secure aggregation")
+
 
 class Strategy(ABC):
     """A server algorithm: configures clients' local work and turns their results into new weights.
@@ -42,6 +47,11 @@ class Strategy(ABC):
     # DP-FedAvg must release a (noised) update even when few or no sampled clients answered,
     # or the number of answers would leak through whether the model changed.
     aggregates_empty_rounds = False
+    # How clients weight their update inside a secure sum ("examples" or "uniform"); None: the
+    # strategy needs individual updates (robust statistics, per-client accounting) and refuses
+    # secure aggregation and HE. ``secure_extras`` are per-client bits summed alongside.
+    secure_weighting: str | None = None
+    secure_extras: tuple[str, ...] = ()
 
     def __init__(self, local: LocalConfig | None = None) -> None:
         self.local = local or LocalConfig()
@@ -74,8 +84,9 @@ class Strategy(ABC):
         config = {"eval_batch_size": self.local.eval_batch_size}
         return [EvalTask(round, cid, weights, config) for cid in client_ids]
 
-    def aggregate_evaluate(self, results: list[EvalResult]) -> dict[str, float]:
-        """Sample-weighted mean loss and accuracy over the clients' test sets."""
+    def aggregate_evaluate(self, results: list[EvalResult]) -> dict[str, float | None]:
+        """Sample-weighted mean loss and accuracy over the clients' test sets; for binary tasks the
+        clients' confusion counts and margin histograms are summed exactly (``fedlearn.metrics``)."""
         n = sum(r.num_examples for r in results)
         if n == 0:
             return {}
@@ -83,6 +94,7 @@ class Strategy(ABC):
             "loss": sum(r.loss * r.num_examples for r in results) / n,
             "accuracy": sum(r.accuracy * r.num_examples for r in results) / n,
             "num_examples": n,
+            **pool_federated(r.metrics for r in results),
         }
 
     def round_metrics(self) -> dict[str, Any]:

@@ -54,6 +54,12 @@ class NoisySum(Aggregation):
         reported = result.metrics.get("below_clip", float(norm < self.clip_norm * (1 - 1e-6)))
         self.centred_bits += (1.0 if reported >= 0.5 else 0.0) - 0.5  # a bit, whatever was sent
 
+    def add_sum(self, weighted_sum: torch.Tensor, total_weight: float, count: int, extras: dict[str, int]) -> None:
+        # Clients clipped before masking; the server cannot re-clip what it cannot see.
+        self._sum.add_(weighted_sum.to(torch.float64))
+        self._count += count
+        self.centred_bits += extras.get("below_clip", 0) - 0.5 * count
+
     @property
     def count(self) -> int:
         return self._count
@@ -74,6 +80,7 @@ class DPFedAvg(FedAvg):
 
     name = "dp-fedavg"
     aggregates_empty_rounds = True
+    secure_weighting = "uniform"
 
     def __init__(self, local: LocalConfig | None = None, *, clip_norm: float, noise_multiplier: float,
                  num_clients: int, sampling_rate: float, delta: float, accountant: str = "rdp",
@@ -89,6 +96,7 @@ class DPFedAvg(FedAvg):
         self.noise_multiplier = noise_multiplier
         self.expected_clients = sampling_rate * num_clients
         self.adaptive_quantile = adaptive_quantile
+        self.secure_extras = ("below_clip",) if adaptive_quantile is not None else ()
         self.clip_learning_rate = clip_learning_rate
         if adaptive_quantile is not None:
             if not 0 < adaptive_quantile < 1:
@@ -150,6 +158,7 @@ class LocalDPFedAvg(FedAvg):
     """
 
     name = "local-dp-fedavg"
+    secure_weighting = "uniform"
 
     def __init__(self, local: LocalConfig | None = None, *, clip_norm: float, noise_multiplier: float,
                  delta: float, accountant: str = "rdp", noise_seed: int | None = None) -> None:
@@ -190,6 +199,9 @@ class UniformMean(Aggregation):
 
     def add(self, result: TrainResult, update: torch.Tensor) -> None:
         self._mean.add(update, 1.0)
+
+    def add_sum(self, weighted_sum: torch.Tensor, total_weight: float, count: int, extras: dict[str, int]) -> None:
+        self._mean.add_sum(weighted_sum, float(count), count)
 
     @property
     def count(self) -> int:

@@ -26,6 +26,7 @@ class DPSGDFedAvg(FedAvg):
     """
 
     name = "dpsgd-fedavg"
+    secure_weighting = None  # per-client accountants need each client's sample count, which a secure sum hides
 
     def __init__(self, local: LocalConfig | None = None, *, clip_norm: float, noise_multiplier: float,
                  delta: float, accountant: str = "rdp", noise_seed: int | None = None) -> None:

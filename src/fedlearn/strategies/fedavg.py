@@ -20,6 +20,9 @@ class WeightedUpdateAggregation(Aggregation):
     def add(self, result: TrainResult, update: torch.Tensor) -> None:
         self._mean.add(update, float(result.num_examples))
 
+    def add_sum(self, weighted_sum: torch.Tensor, total_weight: float, count: int, extras: dict[str, int]) -> None:
+        self._mean.add_sum(weighted_sum, total_weight, count)
+
     @property
     def count(self) -> int:
         return self._mean.count
@@ -32,6 +35,7 @@ class FedAvg(Strategy):
     """Clients train ``local_epochs`` epochs and send new - global; the server adds the weighted mean."""
 
     name = "fedavg"
+    secure_weighting = "examples"
 
     def begin_aggregation(self, round: int, weights: torch.Tensor) -> Aggregation:
         return WeightedUpdateAggregation(weights, 1.0)

@@ -16,6 +16,7 @@ class FedSGD(Strategy):
     """The server applies the step with the configured ``lr``; clients only compute gradients."""
 
     name = "fedsgd"
+    secure_weighting = "examples"
 
     def __init__(self, local: LocalConfig | None = None) -> None:
         super().__init__(replace(local or LocalConfig(), mode="gradient"))

@@ -17,9 +17,11 @@ from typing import TypeVar
 import grpc
 
 from fedlearn.client.data import ClientData
+from fedlearn.client.secure import SecureClients
 from fedlearn.client.trainer import LocalTrainer
 from fedlearn.errors import FedLearnError, InvalidUpdateError
-from fedlearn.protocol.messages import EvalTask, TrainTask, decode, encode
+from fedlearn.privacy.secagg.client import SecAggProtocolError
+from fedlearn.protocol.messages import EvalTask, SecureTask, TrainTask, decode, encode
 from fedlearn.runtime.grpc import fedlearn_pb2 as pb
 from fedlearn.runtime.grpc import fedlearn_pb2_grpc as pb_grpc
 from fedlearn.runtime.grpc.auth import CLIENT_ID_HEADER
@@ -62,6 +64,7 @@ class RemoteClient:
                  give_up_after: float | None = None, stop: threading.Event | None = None) -> None:
         self.target, self.client_id = target, client_id
         self.trainer, self.data = trainer, data
+        self.secure = SecureClients()  # this client's secure-aggregation secrets, one round at a time
         self.credentials = credentials
         self.metadata = [(CLIENT_ID_HEADER, client_id)] + ([("authorization", f"Bearer {token}")] if token else [])
         self.poll_seconds, self.rpc_timeout = poll_seconds, rpc_timeout
@@ -135,13 +138,17 @@ class RemoteClient:
             body = self._download(info)
             task = decode(body)
             if isinstance(task, TrainTask):
-                result = self.trainer.fit(task, self.data)
+                result = self.secure.finish_train(task, self.trainer.fit(task, self.data))
+            elif isinstance(task, SecureTask):
+                result = self.secure.handle(task)
             elif isinstance(task, EvalTask):
                 result = self.trainer.evaluate(task, self.data)
             else:
                 raise InvalidUpdateError(f"server sent a {type(task).__name__}, not a task")
             self._upload(info.task_id, encode(result))
             self.tasks_done += 1
+        except SecAggProtocolError as exc:  # the server asked for what the protocol forbids: stay silent
+            log.warning("task %s refused: %s", info.task_id, exc)
         except grpc.RpcError as exc:
             if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
                               grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.INVALID_ARGUMENT):

@@ -20,7 +20,17 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedlearn.errors import InvalidUpdateError
-from fedlearn.protocol.messages import EvalResult, EvalTask, Message, TrainResult, TrainTask, decode, encode
+from fedlearn.protocol.messages import (
+    EvalResult,
+    EvalTask,
+    Message,
+    SecureReply,
+    SecureTask,
+    TrainResult,
+    TrainTask,
+    decode,
+    encode,
+)
 from fedlearn.protocol.params import ParamSpec
 from fedlearn.runtime.base import ClientFailure
 from fedlearn.runtime.grpc import fedlearn_pb2 as pb
@@ -47,6 +57,7 @@ class _Task:
     accepted: bool = False  # a result was accepted (kept after the round drops the result itself)
     result_size: int = 0
     closed: bool = False  # answered, expired or refused: no further upload is accepted
+    stage: str = ""  # a secure-aggregation step's name (SecureTask.stage)
 
 
 @dataclass
@@ -63,7 +74,7 @@ class GrpcRuntime:
     """
 
     def __init__(self, spec: ParamSpec, *, round_timeout: float = 300.0, liveness_seconds: float = 60.0,
-                 total_rounds: int = 0) -> None:
+                 total_rounds: int = 0, bytes_per_value: float = 4.0) -> None:
         self.spec = spec
         self.round_timeout = round_timeout
         self.liveness_seconds = liveness_seconds
@@ -75,7 +86,8 @@ class GrpcRuntime:
         self._clients: dict[str, _ClientState] = {}
         self._tasks: dict[str, _Task] = {}
         self._uploads: dict[tuple[str, str], Assembly] = {}
-        self.max_upload_bytes = spec.numel * 4 + HEADER_SLACK
+        # float32 updates; secure aggregation's 64-bit sums and CKKS ciphertexts are larger per value
+        self.max_upload_bytes = int(spec.numel * bytes_per_value) + HEADER_SLACK
 
     # ----- the Runtime side, called by the round loop -------------------------------------
     def client_ids(self) -> list[str]:
@@ -100,6 +112,9 @@ class GrpcRuntime:
     def evaluate(self, tasks: Sequence[EvalTask]) -> Iterator[EvalResult | ClientFailure]:
         return self._dispatch(tasks, "evaluate")
 
+    def exchange(self, tasks: Sequence[SecureTask]) -> Iterator[SecureReply | ClientFailure]:
+        return self._dispatch(tasks, "secure")
+
     def _dispatch(self, tasks: Sequence[Message], kind: str) -> Iterator:
         entries = []
         shared: dict[tuple, bytes] = {}  # the round's weights are converted to bytes once
@@ -108,7 +123,7 @@ class GrpcRuntime:
         for task in tasks:  # offer each task as soon as it is encoded: downloads overlap the encoding
             body = encode(task, shared)
             entry = _Task(f"{task.round}-{kind}-{task.client_id}-{uuid.uuid4().hex[:12]}", task.client_id, kind,
-                          task.round, body, digest(body))
+                          task.round, body, digest(body), stage=getattr(task, "stage", ""))
             entries.append(entry)
             with self._cv:
                 self._tasks[entry.task_id] = entry
@@ -208,7 +223,8 @@ class GrpcRuntime:
                 if chunk.total_size > self.max_upload_bytes:
                     raise AuthError(grpc.StatusCode.INVALID_ARGUMENT,
                                     f"result of {chunk.total_size} bytes is larger than this model's "
-                                    f"{self.max_upload_bytes}; send an update of {self.spec.numel} values")
+                                    f"{self.max_upload_bytes}; send an update of {self.spec.numel} values in this "
+                                    "run's format")
                 with self._cv:
                     key = (client_id, entry.task_id)
                     assembly = self._uploads.get(key)
@@ -260,7 +276,7 @@ class GrpcRuntime:
             result = decode(body)
         except InvalidUpdateError as exc:
             raise AuthError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-        expected = TrainResult if entry.kind == "train" else EvalResult
+        expected = {"train": TrainResult, "evaluate": EvalResult, "secure": SecureReply}[entry.kind]
         if not isinstance(result, expected):
             raise AuthError(grpc.StatusCode.INVALID_ARGUMENT,
                             f"expected a {expected.__name__} for task {entry.task_id}")
@@ -268,7 +284,12 @@ class GrpcRuntime:
             raise AuthError(grpc.StatusCode.PERMISSION_DENIED,
                             f"result names client {result.client_id!r} round {result.round}, but the task was "
                             f"for {entry.client_id!r} round {entry.round}")
-        if isinstance(result, TrainResult) and (result.payload.dim() != 1 or result.payload.numel() != self.spec.numel):
+        if isinstance(result, SecureReply) and result.stage != entry.stage:
+            raise AuthError(grpc.StatusCode.INVALID_ARGUMENT, f"reply is for stage {result.stage!r}, the task was "
+                            f"{entry.stage!r}")
+        # Masked or encrypted payloads are not plain vectors; the secure round checks them itself.
+        if isinstance(result, TrainResult) and not result.protocol and (
+                result.payload.dim() != 1 or result.payload.numel() != self.spec.numel):
             raise AuthError(grpc.StatusCode.INVALID_ARGUMENT,
                             f"update has shape {tuple(result.payload.shape)}; the model needs {self.spec.numel} values")
         with self._cv:

@@ -1,0 +1,112 @@
+"""The client side of secure aggregation for every client a process hosts (one, or a whole simulation).
+
+It answers SecureTasks and turns a TrainResult's clipped update into the masked (or encrypted)
+payload the server is allowed to see: the last transforms of the client pipeline
+``delta -> clip -> local noise -> mask or encrypt -> payload``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedlearn.errors import InvalidUpdateError
+from fedlearn.privacy.secagg.client import SecAggClient, SecAggProtocolError
+from fedlearn.privacy.secagg.encoding import FixedPoint
+from fedlearn.protocol.messages import SecureReply, SecureTask, TrainResult, TrainTask
+from fedlearn.seeding import derive_seed
+
+
+class SecureClients:
+    """Per-client, per-round protocol state; a client's secrets live here for one round only.
+
+    ``he_keys`` is the folder from `fedlearn he keygen`: public.ctx to encrypt, and secret.ctx
+    only on the key holder, which decrypts the server's encrypted sum (never a single update).
+    """
+
+    def __init__(self, he_keys: str | os.PathLike | None = None) -> None:
+        self._secagg: dict[str, SecAggClient] = {}
+        self.he_keys = Path(he_keys) if he_keys else None
+        self._public_context = None
+
+    def handle(self, task: SecureTask) -> SecureReply:
+        """Answer one protocol step; a step out of order or against the protocol raises SecAggProtocolError."""
+        cid = task.client_id
+        if task.stage == "secagg-advertise":
+            self._secagg[cid] = SecAggClient(cid, task.round)  # fresh keys and seeds every round
+            data = self._secagg[cid].advertise()
+        elif task.stage == "secagg-share":
+            data = self._session(task).share_keys(task.data)
+        elif task.stage == "secagg-unmask":
+            data = self._session(task).unmask(task.data)
+            del self._secagg[cid]
+        elif task.stage == "he-decrypt":
+            return SecureReply(task.round, cid, task.stage, {}, self._decrypt_sum(task))
+        else:
+            raise InvalidUpdateError(f"unknown secure-aggregation stage {task.stage!r}; update fedlearn on this client")
+        return SecureReply(task.round, cid, task.stage, data)
+
+    def _session(self, task: SecureTask | TrainTask) -> SecAggClient:
+        session = self._secagg.get(task.client_id)
+        if session is None or session.round != task.round:
+            raise SecAggProtocolError(f"secure aggregation: no keys were advertised for round {task.round}")
+        return session
+
+    def _he_file(self, name: str) -> Path:
+        if self.he_keys is None or not (self.he_keys / name).is_file():
+            raise SecAggProtocolError(f"homomorphic encryption: no {name} here; give this client --he-keys DIR "
+                                      "holding the files from `fedlearn he keygen`")
+        return self.he_keys / name
+
+    def _encrypt(self, task: TrainTask, result: TrainResult) -> TrainResult:
+        from fedlearn.privacy import he
+
+        if self._public_context is None:
+            self._public_context = he.load_public_context(self._he_file("public.ctx"))
+        request = task.config["he"]
+        weight = result.num_examples if request["weighting"] == "examples" else 1
+        extras = [float(result.metrics.get(name, 0.0) >= 0.5) for name in request.get("extras", [])]
+        vector = np.concatenate([result.payload.double().numpy() * weight, [float(weight)], extras])
+        chunks = he.encrypt_vector(self._public_context, vector)
+        blob = torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
+        return replace(result, num_examples=0, payload=blob, metrics={},
+                       protocol={"he": True, "chunk_sizes": [len(c) for c in chunks]})
+
+    def _decrypt_sum(self, task: SecureTask) -> torch.Tensor:
+        from fedlearn.privacy import he
+
+        secret = he.load_secret_context(self._he_file("secret.ctx"))
+        chunks = split_blob(task.blob, task.data["chunk_sizes"])
+        return torch.from_numpy(he.decrypt_vector(secret, chunks, int(task.data["length"])))
+
+    def finish_train(self, task: TrainTask, result: TrainResult) -> TrainResult:
+        """The payload that leaves the client: masked or encrypted when the task asks for it, else unchanged."""
+        if "he" in task.config:
+            return self._encrypt(task, result)
+        request = task.config.get("secagg")
+        if request is None:
+            return result
+        fixed_point = FixedPoint.from_dict(request["fixed_point"])
+        weight = result.num_examples if request["weighting"] == "examples" else 1
+        extras = [int(result.metrics.get(name, 0.0) >= 0.5) for name in request.get("extras", [])]
+        # Stochastic rounding is not secret, only unbiased: seeded per (round, client) for reproducibility.
+        rng = np.random.default_rng(derive_seed(int(task.config.get("seed", 0)), task.round, "secagg-rounding"))
+        encoded = fixed_point.encode(result.payload.double().numpy(), weight, extras, rng)
+        masked, rejected = self._session(task).mask(request, encoded, fixed_point.bits)
+        signed = torch.from_numpy(masked.view(np.int32 if masked.dtype == np.uint32 else np.int64))
+        # The sample count, loss and clip bit travel only inside the masked sum.
+        return replace(result, num_examples=0, payload=signed, metrics={},
+                       protocol={"secagg": True, "secagg_rejected": rejected})
+
+
+def split_blob(blob: torch.Tensor, sizes: list[int]) -> list[bytes]:
+    """Cut a byte tensor back into the ciphertext chunks it concatenates."""
+    data = blob.numpy().tobytes()
+    if blob.dtype != torch.uint8 or sum(sizes) != len(data) or any(s <= 0 for s in sizes):
+        raise InvalidUpdateError("encrypted payload does not match its chunk sizes; the sender must use fedlearn")
+    offsets = np.cumsum([0, *sizes])
+    return [data[a:b] for a, b in zip(offsets[:-1], offsets[1:])]

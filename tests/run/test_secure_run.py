@@ -1,0 +1,38 @@
+"""A whole FedAvg run on the digits with secure aggregation reaches the plain run's accuracy."""
+
+import pytest
+
+from fedlearn.errors import ConfigError
+from fedlearn.run.config import RunConfig
+from fedlearn.run.experiment import build_experiment
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["secagg", "secagg+"])
+def test_secure_run_matches_plain_accuracy_within_half_a_point(mode):
+    base = RunConfig(rounds=8, seed=0)
+    plain = build_experiment(base.validate()).loop.run(8)[-1]["test_accuracy"]
+    secure_config = base.updated({"secure_aggregation": mode, "secagg_neighbours": 4}).validate()
+    history = build_experiment(secure_config).loop.run(8)
+    assert all(row["aggregated"] and row["secure_aggregation"] == mode for row in history)
+    assert abs(history[-1]["test_accuracy"] - plain) <= 0.005
+    assert plain > 0.75  # a model that learned, so matching it means something
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"secure_aggregation": "secagg", "dp": "dpsgd"}, "dpsgd"),
+    ({"secure_aggregation": "secagg", "he": "ckks", "he_keys": "k"}, "choose one"),
+    ({"secure_aggregation": "secagg", "secagg_threshold": 1.5}, "secagg-threshold"),
+    ({"secure_aggregation": "secagg", "secagg_bits": 4}, "secagg-bits"),
+    ({"secure_aggregation": "shamir"}, "secure-aggregation must be one of"),
+    ({"he": "ckks"}, "he-keys"),
+])
+def test_bad_secure_configs_are_refused_with_the_flag_named(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        RunConfig().updated(changes).validate()
+
+
+def test_overflowing_bit_width_is_refused_before_training():
+    config = RunConfig(secure_aggregation="secagg", secagg_bits=8, rounds=1).validate()
+    with pytest.raises(ConfigError, match="overflow"):
+        build_experiment(config)
