@@ -13,6 +13,7 @@ points of the non-private run. Writes benchmarks/results/dp_utility.json and dp_
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -51,6 +52,15 @@ def run_one(config: RunConfig) -> dict:
             "rounds": len(history), "seconds": time.perf_counter() - start}
 
 
+def merged_with_earlier(results: list[dict], path: Path) -> list[dict]:
+    """Keep earlier runs of other (partition, epsilon, rounds) cells, so the grid can be filled in several sittings."""
+    if not path.exists():
+        return results
+    fresh = {(r["partition"], r["target_epsilon"], r["rounds"]) for r in results}
+    earlier = json.loads(path.read_text()).get("results", [])
+    return [r for r in earlier if (r["partition"], r["target_epsilon"], r["rounds"]) not in fresh] + results
+
+
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -58,10 +68,11 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for partition in sorted({r["partition"] for r in results}):
-        rows = sorted((r for r in results if r["partition"] == partition), key=lambda r: r["target_epsilon"] or 1e9)
+    for partition, rounds in sorted({(r["partition"], r["rounds"]) for r in results}):
+        rows = sorted((r for r in results if (r["partition"], r["rounds"]) == (partition, rounds)),
+                      key=lambda r: r["target_epsilon"] or 1e9)
         labels = [("inf" if r["target_epsilon"] is None else f"{r['target_epsilon']:g}") for r in rows]
-        ax.plot(labels, [r["final_accuracy"] for r in rows], marker="o", label=partition)
+        ax.plot(labels, [r["final_accuracy"] for r in rows], marker="o", label=f"{partition}, {rounds} rounds")
     ax.set(xlabel="epsilon (delta = 1e-5)", ylabel="test accuracy", title="DP-FedAvg on MNIST, 1,000 clients")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -99,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             gap = rows[None]["final_accuracy"] - rows[8.0]["final_accuracy"]
             print(f"{partition}: non-private minus epsilon=8 accuracy = {100 * gap:.1f} points (goal <= 3)")
     if not args.quick:
+        results = merged_with_earlier(results, RESULTS / "dp_utility.json")
         doc = {"benchmark": "dp_utility", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "machine": machine_info(), "argv": sys.argv[1:], "results": results}
         write_results(RESULTS / "dp_utility.json", doc)
