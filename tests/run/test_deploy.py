@@ -86,17 +86,23 @@ def finish(proc: subprocess.Popen, timeout: float = 120) -> int:
     return proc.wait(timeout=timeout)
 
 
+def run_federation(procs: Procs, tmp_path: Path, server_cfg: Path, client_cfg: Path, clients: int) -> list[dict]:
+    """A server and ``clients`` client processes through a whole run; the server's metrics rows."""
+    port = free_port()
+    server = procs.start("server", "server", "--config", str(server_cfg), "--address", f"127.0.0.1:{port}",
+                         "--output", str(tmp_path / "grpc"))
+    started = [procs.start(f"client{i}", "client", "--server", f"127.0.0.1:{port}", "--config", str(client_cfg),
+                           "--partition-index", str(i)) for i in range(clients)]
+    assert finish(server) == 0, procs.log("server")
+    assert all(finish(c, 30) == 0 for c in started), procs.log("client0")
+    return rows(tmp_path / "grpc")
+
+
 def test_five_client_processes_match_the_inprocess_run(tmp_path, procs) -> None:
     cfg = write_config(tmp_path / "run.yaml", clients=5, rounds=8, round_timeout=60)
-    port = free_port()
-    server = procs.start("server", "server", "--config", str(cfg), "--address", f"127.0.0.1:{port}",
-                         "--output", str(tmp_path / "grpc"))
-    clients = [procs.start(f"client{i}", "client", "--server", f"127.0.0.1:{port}", "--config", str(cfg),
-                           "--partition-index", str(i)) for i in range(5)]
-    assert finish(server) == 0, procs.log("server")
-    assert all(finish(c, 30) == 0 for c in clients), procs.log("client0")
+    grpc_rows = run_federation(procs, tmp_path, cfg, cfg, 5)
     assert main(["run", "--quiet", "--config", str(cfg), "--output", str(tmp_path / "sim")]) == 0
-    grpc_rows, sim_rows = rows(tmp_path / "grpc"), rows(tmp_path / "sim")
+    sim_rows = rows(tmp_path / "sim")
     assert grpc_rows == sim_rows  # same seed: identical metrics, bytes included
     assert grpc_rows[-1]["test_accuracy"] >= 0.90
     assert "listening on 127.0.0.1" in procs.log("server") and "client client-3 connected" in procs.log("server")
@@ -215,15 +221,9 @@ def test_sigterm_stops_the_server_gracefully_with_json_logs(tmp_path, procs) -> 
 def test_secure_aggregation_over_grpc_matches_the_simulation(tmp_path, procs) -> None:
     cfg = write_config(tmp_path / "run.yaml", clients=4, rounds=3, round_timeout=60,
                        secure_aggregation="secagg", secagg_threshold=3, secagg_max_weight=1000)
-    port = free_port()
-    server = procs.start("server", "server", "--config", str(cfg), "--address", f"127.0.0.1:{port}",
-                         "--output", str(tmp_path / "grpc"))
-    clients = [procs.start(f"client{i}", "client", "--server", f"127.0.0.1:{port}", "--config", str(cfg),
-                           "--partition-index", str(i)) for i in range(4)]
-    assert finish(server) == 0, procs.log("server")
-    assert all(finish(c, 30) == 0 for c in clients), procs.log("client0")
+    grpc_rows = run_federation(procs, tmp_path, cfg, cfg, 4)
     assert main(["run", "--quiet", "--config", str(cfg), "--output", str(tmp_path / "sim")]) == 0
-    grpc_rows, sim_rows = rows(tmp_path / "grpc"), rows(tmp_path / "sim")
+    sim_rows = rows(tmp_path / "sim")
     # Masks differ between the runs (fresh keys) yet cancel exactly: the unmasked sums are identical.
     assert [r["test_accuracy"] for r in grpc_rows] == [r["test_accuracy"] for r in sim_rows]
     assert all(r["secure_aggregation"] == "secagg" and r["clients_succeeded"] == 4 for r in grpc_rows)
@@ -239,16 +239,10 @@ def test_ckks_over_grpc_server_has_only_the_public_context(tmp_path, procs) -> N
     base = {"clients": 3, "rounds": 2, "round_timeout": 60, "he": "ckks", "he_key_holder": "client-0"}
     server_cfg = write_config(tmp_path / "server.yaml", **base, he_keys=str(server_keys))
     client_cfg = write_config(tmp_path / "client.yaml", **base, he_keys=str(keys))
-    port = free_port()
-    server = procs.start("server", "server", "--config", str(server_cfg), "--address", f"127.0.0.1:{port}",
-                         "--output", str(tmp_path / "grpc"))
-    clients = [procs.start(f"client{i}", "client", "--server", f"127.0.0.1:{port}", "--config", str(client_cfg),
-                           "--partition-index", str(i)) for i in range(3)]
-    assert finish(server) == 0, procs.log("server")
-    assert all(finish(c, 30) == 0 for c in clients), procs.log("client0")
+    grpc_rows = run_federation(procs, tmp_path, server_cfg, client_cfg, 3)
     plain_cfg = write_config(tmp_path / "plain.yaml", clients=3, rounds=2)
     assert main(["run", "--quiet", "--config", str(plain_cfg), "--output", str(tmp_path / "sim")]) == 0
-    grpc_rows, sim_rows = rows(tmp_path / "grpc"), rows(tmp_path / "sim")
+    sim_rows = rows(tmp_path / "sim")
     assert all(r["secure_aggregation"] == "ckks" and r["clients_succeeded"] == 3 for r in grpc_rows)
     for encrypted, plain in zip(grpc_rows, sim_rows):
         assert encrypted["test_accuracy"] == pytest.approx(plain["test_accuracy"], abs=0.005)

@@ -46,9 +46,7 @@ class TrainResult:
 
 
 @dataclass
-class SecureTask:
-    """One step of a secure-aggregation protocol (key advertisement, share relay, unmasking, HE decryption)."""
-
+class _ProtocolStep:
     round: int
     client_id: str
     stage: str
@@ -57,14 +55,13 @@ class SecureTask:
 
 
 @dataclass
-class SecureReply:
-    """A client's answer to a SecureTask: JSON-able ``data`` plus an optional byte ``blob`` (ciphertexts)."""
+class SecureTask(_ProtocolStep):
+    """One step of a secure-aggregation protocol (key advertisement, share relay, unmasking, HE decryption)."""
 
-    round: int
-    client_id: str
-    stage: str
-    data: dict[str, Any] = field(default_factory=dict)
-    blob: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.uint8))
+
+@dataclass
+class SecureReply(_ProtocolStep):
+    """A client's answer to a SecureTask: JSON-able ``data`` plus an optional byte ``blob`` (ciphertexts)."""
 
 
 @dataclass
