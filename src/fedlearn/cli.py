@@ -44,6 +44,19 @@ RUN_FLAGS: dict[str, tuple[type, str]] = {
     "--target-mode": (str, "calibrate (choose --noise-multiplier for --rounds) or stop (end the run at the budget)"),
     "--accountant": (str, "rdp or pld (Google's dp-accounting)"),
     "--adaptive-clip-quantile": (float, "adapt --clip-norm to this quantile of update norms (Andrew et al. 2021)"),
+    "--secure-aggregation": (str, "none, secagg (Bonawitz et al. 2017) or secagg+ (Bell et al. 2020): the server "
+                             "sees only the sum of the clients' updates"),
+    "--secagg-threshold": (float, "clients needed to unmask: a fraction of the sampled ones (default 0.67) or a count"),
+    "--secagg-bits": (int, "bit width of the secure sum, Z_2^bits (default 32)"),
+    "--secagg-clip": (float, "each update coordinate is clipped to [-clip, clip] before fixed-point encoding "
+                      "(default: --clip-norm with --dp, else 1.0)"),
+    "--secagg-neighbours": (int, "secagg+: neighbours per client (default about 2 log2 n)"),
+    "--secagg-max-weight": (int, "largest client sample count (the weight bound; default: largest simulated client)"),
+    "--he": (str, "none or ckks: clients encrypt their weighted update with CKKS (TenSEAL); the server adds "
+             "ciphertexts it cannot decrypt"),
+    "--he-keys": (str, "folder from `fedlearn he keygen`: public.ctx (everyone), secret.ctx (key holder only)"),
+    "--he-key-holder": (str, "client id that holds secret.ctx and decrypts the sum (default: the first answering "
+                        "client, for simulations)"),
     "--seed": (int, "seed for every random choice"),
     "--threads": (int, "torch intra-op threads (1 is fastest for small models on 2 cores)"),
     "--device": (str, "cpu, cuda, cuda:N or auto"),
@@ -128,6 +141,31 @@ def build_parser() -> argparse.ArgumentParser:
     tokens.add_argument("name", help="client id")
     tokens.add_argument("--file", default="tokens.txt", help="the server's token file (default tokens.txt)")
     tokens.add_argument("--replace", action="store_true", help="replace NAME's existing token")
+
+    he = sub.add_parser("he", help="CKKS keys for --he ckks (TenSEAL)")
+    he.add_argument("action", choices=["keygen"], help="keygen: public.ctx for everyone, secret.ctx for the key "
+                    "holder only")
+    he.add_argument("--dir", default="he_keys", help="folder for the key files (default he_keys)")
+    he.add_argument("--poly-modulus-degree", type=int, default=8192)
+    he.add_argument("--coeff-mod-bit-sizes", type=int, nargs="+", default=[60, 40, 40])
+    he.add_argument("--scale-bits", type=int, default=40)
+    he.add_argument("--force", action="store_true", help="replace existing key files")
+
+    export = sub.add_parser("export", help="export a run's final model for edge inference (ONNX, TorchScript)")
+    export.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (fedlearn run --output)")
+    export.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="default onnx")
+    export.add_argument("--int8", action="store_true", help="onnx only: int8 post-training static quantization, "
+                        "calibrated on a seeded sample of the run's training images")
+    export.add_argument("--output", help="model file (default RUN_DIR/model.onnx, model.int8.onnx or "
+                        "model.torchscript.pt)")
+    export.add_argument("--data-dir", help="the run's dataset folder, if not where config.yaml says")
+    export.add_argument("--calibration-images", type=int, default=256, help="--int8 calibration sample (default 256)")
+
+    predict = sub.add_parser("predict", help="classify PNG/JPEG files with an exported ONNX model (onnxruntime)")
+    predict.add_argument("model", metavar="MODEL", help="an .onnx file written by fedlearn export")
+    predict.add_argument("images", metavar="IMAGE", nargs="+", help="PNG or JPEG files")
+    predict.add_argument("--json", action="store_true", help="print one JSON array of predictions")
+    predict.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
     return parser
 
 
@@ -273,8 +311,52 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export RUN_DIR's final global model with its preprocessing metadata embedded."""
+    import torch
+
+    from fedlearn.export import export_run
+
+    torch.set_num_threads(1)
+    result = export_run(args.run_dir, args.output, format=args.format, int8=args.int8, data_dir=args.data_dir,
+                        calibration_images=args.calibration_images)
+    meta = result.metadata
+    shape = "x".join(map(str, meta.input_shape))
+    print(f"exported {meta.model} ({meta.dataset}, input {shape} {meta.color_mode}, mean {list(meta.mean)}, "
+          f"std {list(meta.std)}) as {result.format} to {result.path} ({result.size_bytes / 1e6:.2f} MB)")
+    if meta.quantization != "none":
+        print(f"{meta.quantization}; calibrated on {meta.calibration['images']} training images")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Classify image files with an exported ONNX model; one line per image, or JSON."""
+    from fedlearn.export import predict_images
+
+    predictions = predict_images(args.model, args.images, threads=args.threads)
+    if args.json:
+        print(json.dumps([p.to_dict() for p in predictions], indent=1))
+    else:
+        for p in predictions:
+            print(f"{p.image}: {p.label} (p={p.probability:.3f})")
+    return 0
+
+
+def cmd_he(args: argparse.Namespace) -> int:
+    from fedlearn.privacy.he import CKKSParams, generate_keys, precision_check
+
+    params = CKKSParams(args.poly_modulus_degree, tuple(args.coeff_mod_bit_sizes), args.scale_bits)
+    files = generate_keys(args.dir, params, force=args.force)
+    check = precision_check(params, num_summands=10, length=params.slots)
+    print(f"wrote {files.public_context} (give to the server and every client), {files.secret_context} "
+          f"(the key holder only; never the server), {files.info}")
+    print(f"public context fingerprint {files.fingerprint}; precision check: max error "
+          f"{check['max_abs_error']:.2e} over a sum of 10 (bound {check['bound']:.2e})")
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "server": cmd_server, "client": cmd_client, "certs": cmd_certs, "tokens": cmd_tokens,
-            "audit": cmd_audit}
+            "he": cmd_he, "audit": cmd_audit, "export": cmd_export, "predict": cmd_predict}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
