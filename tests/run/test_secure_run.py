@@ -8,12 +8,19 @@ from fedlearn.run.experiment import build_experiment
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["secagg", "secagg+"])
-def test_secure_run_matches_plain_accuracy_within_half_a_point(mode):
+@pytest.mark.parametrize("mode", ["secagg", "secagg+", "ckks"])
+def test_secure_run_matches_plain_accuracy_within_half_a_point(mode, tmp_path):
     base = RunConfig(rounds=8, seed=0)
     plain = build_experiment(base.validate()).loop.run(8)[-1]["test_accuracy"]
-    secure_config = base.updated({"secure_aggregation": mode, "secagg_neighbours": 4}).validate()
-    history = build_experiment(secure_config).loop.run(8)
+    if mode == "ckks":
+        pytest.importorskip("tenseal", reason="--he ckks needs TenSEAL")
+        from fedlearn.privacy.he import generate_keys
+
+        generate_keys(tmp_path)
+        changes = {"he": "ckks", "he_keys": str(tmp_path)}
+    else:
+        changes = {"secure_aggregation": mode, "secagg_neighbours": 4}
+    history = build_experiment(base.updated(changes).validate()).loop.run(8)
     assert all(row["aggregated"] and row["secure_aggregation"] == mode for row in history)
     assert abs(history[-1]["test_accuracy"] - plain) <= 0.005
     assert plain > 0.75  # a model that learned, so matching it means something
