@@ -64,16 +64,7 @@ class LocalTrainer:
         else:
             loss, n = self._train(data, cfg)
             update = self.vector.read().sub_(task.weights)
-        metrics = {"train_loss": loss}
-        payload = update
-        if cfg.clip_norm > 0:  # client-side transforms: delta -> clip -> local noise -> payload
-            payload, norm = clip_by_norm(update, cfg.clip_norm)
-            metrics["below_clip"] = float(norm <= cfg.clip_norm)  # for adaptive clipping's quantile estimate
-        if cfg.local_noise_std > 0:
-            generator = noise_generator(cfg.noise_seed)
-            payload = (payload.double() + gaussian_noise(payload.numel(), cfg.local_noise_std, generator)).float()
-            metrics.pop("below_clip", None)  # an untrusted server learns nothing beyond the noised update
-        return TrainResult(task.round, task.client_id, n, payload, metrics)
+        return privatized_result(task, update, n, loss, cfg)
 
     def _train(self, data: ClientData, cfg: LocalConfig) -> tuple[float, int]:
         model = self.model
@@ -138,6 +129,20 @@ class LocalTrainer:
         scores = BinaryScores()
         loss, accuracy, n = evaluate_model(self.model, dataset, self.device, cfg.eval_batch_size, scores=scores)
         return EvalResult(task.round, task.client_id, n, loss, accuracy, scores.federated_payload())
+
+
+def privatized_result(task: TrainTask, update: torch.Tensor, n: int, loss: float, cfg: LocalConfig) -> TrainResult:
+    """The client-side transforms every trainer applies: delta -> clip -> local noise -> payload."""
+    metrics = {"train_loss": loss}
+    payload = update
+    if cfg.clip_norm > 0:
+        payload, norm = clip_by_norm(update, cfg.clip_norm)
+        metrics["below_clip"] = float(norm <= cfg.clip_norm)  # for adaptive clipping's quantile estimate
+    if cfg.local_noise_std > 0:
+        generator = noise_generator(cfg.noise_seed)
+        payload = (payload.double() + gaussian_noise(payload.numel(), cfg.local_noise_std, generator)).float()
+        metrics.pop("below_clip", None)  # an untrusted server learns nothing beyond the noised update
+    return TrainResult(task.round, task.client_id, n, payload, metrics)
 
 
 @torch.no_grad()
