@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tenseal as ts
 import torch
 
 from fedlearn.errors import ConfigError, InvalidUpdateError
@@ -30,8 +31,6 @@ from fedlearn.privacy.he import (
     precision_check,
     public_context_fingerprint,
 )
-
-ts = pytest.importorskip("tenseal", reason="homomorphic encryption needs TenSEAL (pip install tenseal)")
 
 SLOTS = CKKSParams().slots
 

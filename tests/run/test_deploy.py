@@ -230,7 +230,6 @@ def test_secure_aggregation_over_grpc_matches_the_simulation(tmp_path, procs) ->
 
 
 def test_ckks_over_grpc_server_has_only_the_public_context(tmp_path, procs) -> None:
-    pytest.importorskip("tenseal", reason="--he ckks needs TenSEAL")
     keys = tmp_path / "keys"
     assert main(["he", "keygen", "--dir", str(keys)]) == 0
     server_keys = tmp_path / "server_keys"  # what the coordinator is given: public.ctx, nothing else

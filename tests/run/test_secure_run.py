@@ -13,7 +13,6 @@ def test_secure_run_matches_plain_accuracy_within_half_a_point(mode, tmp_path):
     base = RunConfig(rounds=8, seed=0)
     plain = [row["test_accuracy"] for row in build_experiment(base.validate()).loop.run(8)]
     if mode == "ckks":
-        pytest.importorskip("tenseal", reason="--he ckks needs TenSEAL")
         from fedlearn.privacy.he import generate_keys
 
         generate_keys(tmp_path)

@@ -139,7 +139,6 @@ def test_strategies_that_need_individual_updates_are_refused():
 
 @pytest.fixture(scope="module")
 def he_keys(tmp_path_factory):
-    pytest.importorskip("tenseal", reason="--he ckks needs TenSEAL")
     from fedlearn.privacy.he import generate_keys
 
     folder = tmp_path_factory.mktemp("he")

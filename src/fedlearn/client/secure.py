@@ -32,6 +32,7 @@ class SecureClients:
         self._secagg: dict[str, SecAggClient] = {}
         self.he_keys = Path(he_keys) if he_keys else None
         self._public_context = None
+        self._secret_context = None
 
     def handle(self, task: SecureTask) -> SecureReply:
         """Answer one protocol step; a step out of order or against the protocol raises SecAggProtocolError."""
@@ -67,19 +68,17 @@ class SecureClients:
 
         if self._public_context is None:
             self._public_context = he.load_public_context(self._he_file("public.ctx"))
-        request = task.config["he"]
-        weight = result.num_examples if request["weighting"] == "examples" else 1
-        extras = [float(result.metrics.get(name, 0.0) >= 0.5) for name in request.get("extras", [])]
+        weight, extras = summed_weight_and_bits(task.config["he"], result)
         vector = np.concatenate([result.payload.double().numpy() * weight, [float(weight)], extras])
-        chunks = he.encrypt_vector(self._public_context, vector)
-        blob = torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
-        return replace(result, num_examples=0, payload=blob, metrics={},
-                       protocol={"he": True, "chunk_sizes": [len(c) for c in chunks]})
+        blob, sizes = join_blob(he.encrypt_vector(self._public_context, vector))
+        return replace(result, num_examples=0, payload=blob, metrics={}, protocol={"he": True, "chunk_sizes": sizes})
 
     def _decrypt_sum(self, task: SecureTask) -> torch.Tensor:
         from fedlearn.privacy import he
 
-        secret = he.load_secret_context(self._he_file("secret.ctx"))
+        if self._secret_context is None:  # only the key holder ever gets here
+            self._secret_context = he.load_secret_context(self._he_file("secret.ctx"))
+        secret = self._secret_context
         chunks = split_blob(task.blob, task.data["chunk_sizes"])
         return torch.from_numpy(he.decrypt_vector(secret, chunks, int(task.data["length"])))
 
@@ -91,8 +90,7 @@ class SecureClients:
         if request is None:
             return result
         fixed_point = FixedPoint.from_dict(request["fixed_point"])
-        weight = result.num_examples if request["weighting"] == "examples" else 1
-        extras = [int(result.metrics.get(name, 0.0) >= 0.5) for name in request.get("extras", [])]
+        weight, extras = summed_weight_and_bits(request, result)
         # Stochastic rounding is not secret, only unbiased: seeded per (round, client) for reproducibility.
         rng = np.random.default_rng(derive_seed(int(task.config.get("seed", 0)), task.round, "secagg-rounding"))
         encoded = fixed_point.encode(result.payload.double().numpy(), weight, extras, rng)
@@ -101,6 +99,17 @@ class SecureClients:
         # The sample count, loss and clip bit travel only inside the masked sum.
         return replace(result, num_examples=0, payload=signed, metrics={},
                        protocol={"secagg": True, "secagg_rejected": rejected})
+
+
+def summed_weight_and_bits(request: dict, result: TrainResult) -> tuple[int, list[int]]:
+    """The client's weight in a hidden sum (its sample count, or 1) and the 0/1 metrics summed beside it."""
+    weight = result.num_examples if request["weighting"] == "examples" else 1
+    return weight, [int(result.metrics.get(name, 0.0) >= 0.5) for name in request.get("extras", [])]
+
+
+def join_blob(chunks: list[bytes]) -> tuple[torch.Tensor, list[int]]:
+    """Ciphertext chunks as one byte tensor (a message field) and their sizes, for ``split_blob``."""
+    return torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8), [len(c) for c in chunks]
 
 
 def split_blob(blob: torch.Tensor, sizes: list[int]) -> list[bytes]:

@@ -28,7 +28,7 @@ from fedlearn.runtime.inprocess import InProcessRuntime
 from fedlearn.seeding import derive_seed
 from fedlearn.server.evaluation import CentralEvaluator
 from fedlearn.server.loop import RoundCallback, RoundLoop
-from fedlearn.server.secure import HomomorphicRound, SecAggSettings, SecureAggregationRound
+from fedlearn.server.secure import HomomorphicRound, SecAggSettings, SecureAggregationRound, require_sum_only
 from fedlearn.strategies import Strategy, build_strategy
 from fedlearn.strategies.dp_fedavg import DPFedAvg, LocalDPFedAvg
 from fedlearn.strategies.dpsgd import DPSGDFedAvg
@@ -152,7 +152,7 @@ def secure_round(config: RunConfig, strategy: Strategy, length: int,
                  clients: dict[str, ClientData]) -> SecureAggregationRound | HomomorphicRound | None:
     """The secure-aggregation or HE exchange ``config`` asks for, checked against the strategy; None without one."""
     if config.he == "ckks":
-        SecAggSettings(max_weight=1).check(strategy)  # the same rule: only strategies that need just the sum
+        require_sum_only(strategy)
         return HomomorphicRound(str(Path(config.he_keys) / "public.ctx"), length, config.he_key_holder)
     if config.secure_aggregation == "none":
         return None

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedlearn.client.secure import split_blob
+from fedlearn.client.secure import join_blob, split_blob
 from fedlearn.errors import ConfigError, InvalidUpdateError
 from fedlearn.privacy import he
 from fedlearn.privacy.secagg.crypto import mask_dtype
@@ -46,13 +46,23 @@ class SecAggSettings:
     def check(self, strategy: Strategy) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"--secure-aggregation must be one of {', '.join(MODES)}; got {self.mode!r}")
-        if strategy.secure_weighting is None:
-            raise ConfigError(f"strategy {strategy.name} needs individual updates and cannot run with secure "
-                              "aggregation; use fedavg, fedprox, fedsgd or --dp central/local")
+        require_sum_only(strategy)
         resolve_threshold(self.threshold, 1000)  # form only; the count is fixed per round
         FixedPoint(self.bits, self.clip, 2, self.max_weight, 1)  # bits, clip and weight ranges
         if self.neighbours is not None and self.neighbours < 2:
             raise ConfigError(f"--secagg-neighbours must be >= 2; got {self.neighbours}")
+
+
+def require_sum_only(strategy: Strategy) -> None:
+    """Refuse a strategy that needs individual updates: secure aggregation and HE reveal only the sum."""
+    if strategy.secure_weighting is None:
+        raise ConfigError(f"strategy {strategy.name} needs individual updates and cannot run with secure "
+                          "aggregation or --he; use fedavg, fedprox, fedsgd or --dp central/local")
+
+
+def hidden_sum_request(strategy: Strategy) -> dict[str, Any]:
+    """What every client must know to fold itself into a hidden sum: how to weight, which bits to add."""
+    return {"weighting": strategy.secure_weighting, "extras": list(strategy.secure_extras)}
 
 
 @dataclass
@@ -98,9 +108,9 @@ class SecureAggregationRound:
             requests = server.receive_keys(replies)
             replies = self._exchange(runtime, rnd, "secagg-share", requests, out)
             requests = server.receive_shares(replies)
-            train = [replace(by_client[cid], config={**by_client[cid].config, "secagg": {
-                **requests[cid], "weighting": "uniform" if uniform else "examples", "extras": list(extras)}})
-                for cid in requests]
+            train = [replace(by_client[cid], config={**by_client[cid].config,
+                                                     "secagg": {**requests[cid], **hidden_sum_request(strategy)}})
+                     for cid in requests]
             out.bytes_down += sum(wire_size(t) for t in train)
             for answer in runtime.train(train):
                 if isinstance(answer, ClientFailure):
@@ -166,20 +176,18 @@ class HomomorphicRound:
     task order) decrypt, which suits a simulation where every client can reach the key folder.
     """
 
+    name = "ckks"
+
     def __init__(self, public_context_path: str, length: int, key_holder: str | None = None) -> None:
         self.context = he.load_public_context(public_context_path)  # refuses a context holding the secret key
         self.length = length
         self.key_holder = key_holder
 
-    name = "ckks"
-
     def run(self, rnd: int, tasks: Sequence[TrainTask], runtime: Runtime, strategy: Strategy,
             aggregation: Aggregation, seed: int) -> SecureRoundOutcome:
         out = SecureRoundOutcome()
-        uniform = strategy.secure_weighting == "uniform"
         extras = list(strategy.secure_extras)
-        train = [replace(t, config={**t.config, "he": {"weighting": "uniform" if uniform else "examples",
-                                                        "extras": extras}}) for t in tasks]
+        train = [replace(t, config={**t.config, "he": hidden_sum_request(strategy)}) for t in tasks]
         out.bytes_down += sum(wire_size(t) for t in train)
         total = he.EncryptedSum(self.context, self.length + 1 + len(extras))
         answered: list[str] = []
@@ -198,10 +206,8 @@ class HomomorphicRound:
         if not answered:
             return out
         holder = self.key_holder or answered[0]
-        chunks = total.serialize()
-        blob = torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
-        request = SecureTask(rnd, holder, "he-decrypt", {"chunk_sizes": [len(c) for c in chunks],
-                                                         "length": total.length}, blob)
+        blob, sizes = join_blob(total.serialize())
+        request = SecureTask(rnd, holder, "he-decrypt", {"chunk_sizes": sizes, "length": total.length}, blob)
         out.bytes_down += wire_size(request)
         reply = next(iter(runtime.exchange([request])), None)
         if not isinstance(reply, SecureReply) or reply.blob.numel() != total.length:
