@@ -22,12 +22,13 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
-from fedlearn.client.config import LocalConfig
+from fedlearn.client.app import ClientApp
 from fedlearn.client.data import ClientData
 from fedlearn.client.trainer import LocalTrainer
 from fedlearn.data import DatasetBundle, load_dataset
 from fedlearn.models import build_model
 from fedlearn.protocol.params import ModelVector
+from fedlearn.protocol.local import LocalConfig
 from fedlearn.runtime.inprocess import InProcessRuntime
 from fedlearn.server.evaluation import CentralEvaluator
 from fedlearn.server.loop import RoundLoop
@@ -74,7 +75,7 @@ def train_and_score(model_name: str, algorithm: str, clients: dict[str, ClientDa
     vector = ModelVector(model)
     local = LocalConfig(local_epochs=settings["local_epochs"], batch_size=settings["batch_size"], lr=settings["lr"],
                         momentum=settings["momentum"])
-    runtime = InProcessRuntime(LocalTrainer(model, device), clients)
+    runtime = InProcessRuntime(ClientApp(LocalTrainer(model, device), clients))
     loop = RoundLoop(build_strategy(algorithm, local, mu=FEDPROX_MU), runtime, vector.spec,
                      vector.read(), seed=seed,
                      callbacks=[lambda row: print(f"    round {row['round']}: train loss {row['train_loss']:.4f}, "

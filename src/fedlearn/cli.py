@@ -19,7 +19,10 @@ RUN_FLAGS: dict[str, tuple[type, str]] = {
     "--dataset": (str, "digits (built in), mnist, fashion-mnist, cifar10, femnist, pneumoniamnist, breastmnist, ..."),
     "--data-dir": (str, "folder holding the dataset's files"),
     "--model": (str, "seed-cnn, mcmahan-2nn, mcmahan-cnn, lenet5, resnet18-gn"),
-    "--algorithm": (str, "fedavg, fedsgd or fedprox"),
+    "--algorithm": (str, "fedavg, fedsgd, fedprox, fedavgm, fedadam, fedyogi, fedadagrad, scaffold (the registry's "
+                    "strategies; their own settings follow the prefix rule --server-*, --client-*)"),
+    "--task": (str, "classification, multilabel or regression (default: the dataset's)"),
+    "--loss": (str, "cross-entropy, bce or mse: the loss (and so the task) to train with"),
     "--mu": (float, "FedProx proximal coefficient"),
     "--clients": (int, "number of clients"),
     "--fraction": (float, "fraction of clients sampled per round, in (0, 1]"),
@@ -59,6 +62,8 @@ RUN_FLAGS: dict[str, tuple[type, str]] = {
                         "client, for simulations)"),
     "--seed": (int, "seed for every random choice"),
     "--threads": (int, "torch intra-op threads (1 is fastest for small models on 2 cores)"),
+    "--seeded-privacy": (bool, "SIMULATION ONLY: derive privacy noise, masks and DP sampling from --seed for "
+                         "reproducible tests; the run is then not private (summary.json says so)"),
     "--device": (str, "cpu, cuda, cuda:N or auto"),
     "--output": (str, "run directory (default runs/<timestamp>)"),
 }
@@ -68,11 +73,32 @@ SERVER_FLAGS: dict[str, tuple[type, str]] = {
 }
 
 
+def component_flags() -> dict[str, tuple[type, str]]:
+    """Flags declared by registered components (server optimizers, client hooks, ...), from their Configs."""
+    from fedlearn.registry import flag, settings
+
+    out = {}
+    for key, setting in settings().items():
+        if flag(key) in RUN_FLAGS:
+            continue
+        kind = next((t for t in (bool, int, float, str) if t is setting.type or t.__name__ in str(setting.type)), str)
+        owners = ", ".join(setting.owners)
+        default = "" if setting.default is None or len(setting.owners) > 1 else f" (default {setting.default})"
+        out[flag(key)] = (kind, f"{setting.help} [{owners}]{default}")
+    return out
+
+
 def _add_config_flags(parser: argparse.ArgumentParser, flags: dict[str, tuple[type, str]]) -> None:
     parser.add_argument("--config", help="YAML file of config keys; flags override it")
     parser.add_argument("--no-download", action="store_true", help="never try to download missing datasets")
-    for flag, (kind, text) in flags.items():
-        parser.add_argument(flag, type=kind, default=None, help=text)
+    defaults = RunConfig().to_dict()
+    for flag, (kind, text) in {**flags, **component_flags()}.items():
+        default = defaults.get(flag[2:].replace("-", "_"))
+        shown = f" (default {default})" if default is not None and "(default" not in text else ""
+        if kind is bool:
+            parser.add_argument(flag, action="store_const", const=True, default=None, help=text + shown)
+        else:
+            parser.add_argument(flag, type=kind, default=None, help=text + shown)
 
 
 def _add_process_flags(parser: argparse.ArgumentParser, insecure_help: str) -> None:
@@ -171,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> tuple[RunConfig | None, dict[str, Any]]:
     """The run config (None when resuming) and the flags given on the command line."""
-    names = [f[2:].replace("-", "_") for f in (*RUN_FLAGS, *SERVER_FLAGS)]
+    names = [f[2:].replace("-", "_") for f in (*RUN_FLAGS, *SERVER_FLAGS, *component_flags())]
     given = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     if args.no_download:
         given["download"] = False

@@ -8,12 +8,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 
+from fedlearn.client.app import ClientApp
 from fedlearn.client.batches import iter_batches
-from fedlearn.client.config import LocalConfig
 from fedlearn.client.data import ClientData
-from fedlearn.client.trainer import LocalTrainer, evaluate_model
+from fedlearn.client.hooks import ProxHook
+from fedlearn.client.trainer import LocalOutcome, LocalTrainer, evaluate_model
 from fedlearn.data.arrays import ArrayDataset
 from fedlearn.errors import DataError
+from fedlearn.protocol.local import LocalConfig
 from fedlearn.protocol.messages import EvalResult, EvalTask, TrainResult, TrainTask
 from fedlearn.protocol.params import ModelVector
 
@@ -31,26 +33,41 @@ def net(seed: int = 0) -> nn.Module:
 
 
 def task(weights: torch.Tensor, **config) -> TrainTask:
-    return TrainTask(1, "c", weights, LocalConfig(**config).to_dict())
+    return TrainTask(1, "c", {"weights": weights}, LocalConfig(**config).to_dict())
+
+
+def update(outcome: LocalOutcome) -> torch.Tensor:
+    return outcome.arrays["update"]
+
+
+def gradient(outcome: LocalOutcome) -> torch.Tensor:
+    return outcome.arrays["gradient"]
 
 
 # -- delta mode --------------------------------------------------------------------------------
 
 
-def test_delta_payload_is_new_weights_minus_task_weights() -> None:
+def test_delta_update_is_new_weights_minus_task_weights() -> None:
     model = net()
     trainer = LocalTrainer(model, device="cpu")
     start = trainer.vector.read() + 0.01  # differs from the model's current weights
     start_copy = start.clone()
-    result = trainer.fit(task(start, local_epochs=2, batch_size=7, lr=0.1, seed=3), ClientData(dataset(30)))
+    t = task(start, local_epochs=2, batch_size=7, lr=0.1, seed=3)
+    outcome = trainer.fit(t, ClientData(dataset(30)))
+    assert isinstance(outcome, LocalOutcome)
+    assert set(outcome.arrays) == {"update"} and outcome.num_examples == 30 and outcome.state == {}
+    new = trainer.vector.read()
+    assert torch.equal(update(outcome), new - start)
+    assert torch.equal(start, start_copy)  # the task's weights are never modified
+    assert update(outcome).abs().max() > 1e-3
+    assert update(outcome).dtype == torch.float32 and update(outcome).shape == start.shape
+    assert outcome.metrics["train_loss"] > 0
+    # the client entry point wraps the same outcome into the result that leaves the client
+    result = ClientApp(LocalTrainer(net(), device="cpu"), {"c": ClientData(dataset(30))})(t)
     assert isinstance(result, TrainResult)
     assert result.round == 1 and result.client_id == "c" and result.num_examples == 30
-    new = trainer.vector.read()
-    assert torch.equal(result.payload, new - start)
-    assert torch.equal(start, start_copy)  # the task's weights are never modified
-    assert result.payload.abs().max() > 1e-3
-    assert result.payload.dtype == torch.float32 and result.payload.shape == start.shape
-    assert result.metrics["train_loss"] > 0
+    assert torch.equal(result.arrays["update"], update(outcome))
+    assert result.metrics == outcome.metrics
 
 
 def test_fit_is_deterministic_for_a_seed_even_with_dropout() -> None:
@@ -63,9 +80,9 @@ def test_fit_is_deterministic_for_a_seed_even_with_dropout() -> None:
     torch.manual_seed(999)  # global RNG state must not matter
     b = trainer.fit(task(start, batch_size=8, lr=0.1, seed=11), data)
     c = trainer.fit(task(start, batch_size=8, lr=0.1, seed=12), data)
-    assert torch.equal(a.payload, b.payload)
+    assert torch.equal(update(a), update(b))
     assert a.metrics == b.metrics
-    assert not torch.equal(a.payload, c.payload)
+    assert not torch.equal(update(a), update(c))
 
 
 def test_client_batch_size_overrides_the_task() -> None:
@@ -75,8 +92,8 @@ def test_client_batch_size_overrides_the_task() -> None:
     fixed = trainer.fit(task(start, batch_size=4, lr=0.1, seed=1), ClientData(data, batch_size=10))
     same = trainer.fit(task(start, batch_size=10, lr=0.1, seed=1), ClientData(data))
     other = trainer.fit(task(start, batch_size=4, lr=0.1, seed=1), ClientData(data))
-    assert torch.equal(fixed.payload, same.payload)
-    assert not torch.equal(fixed.payload, other.payload)
+    assert torch.equal(update(fixed), update(same))
+    assert not torch.equal(update(fixed), update(other))
 
 
 @pytest.mark.parametrize("mode", ["delta", "gradient"])
@@ -108,7 +125,8 @@ def test_gradient_mode_returns_mean_loss_gradient(eval_batch_size: int) -> None:
     expected = autograd_gradient(start, data)
     assert result.num_examples == 37
     assert expected.abs().max() > 1e-3
-    torch.testing.assert_close(result.payload, expected, rtol=0, atol=1e-6)
+    assert set(result.arrays) == {"gradient"}
+    torch.testing.assert_close(gradient(result), expected, rtol=0, atol=1e-6)
     # the weights are not stepped in gradient mode
     assert torch.equal(trainer.vector.read(), start)
     with torch.no_grad():
@@ -120,12 +138,12 @@ def test_gradient_chunking_equals_one_batch_and_leaves_no_grads() -> None:
     data = dataset(50, seed=4)
     trainer = LocalTrainer(net(), device="cpu")
     start = trainer.vector.read()
-    whole = trainer.fit(task(start, mode="gradient", eval_batch_size=1000), ClientData(data)).payload
-    chunked = trainer.fit(task(start, mode="gradient", eval_batch_size=6), ClientData(data)).payload
+    whole = gradient(trainer.fit(task(start, mode="gradient", eval_batch_size=1000), ClientData(data)))
+    chunked = gradient(trainer.fit(task(start, mode="gradient", eval_batch_size=6), ClientData(data)))
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
     assert all(p.grad is None for p in trainer.model.parameters())
     # a second call does not accumulate the first call's gradient
-    again = trainer.fit(task(start, mode="gradient", eval_batch_size=1000), ClientData(data)).payload
+    again = gradient(trainer.fit(task(start, mode="gradient", eval_batch_size=1000), ClientData(data)))
     assert torch.equal(again, whole)
 
 
@@ -159,12 +177,18 @@ def test_proximal_gradient_matches_autograd(epochs: int, batch_size: int, moment
     start = trainer.vector.read()
     mu, lr = 2.0, 0.3
     cfg = {"local_epochs": epochs, "batch_size": batch_size, "lr": lr, "momentum": momentum, "seed": 21}
-    prox = trainer.fit(task(start, mu=mu, **cfg), ClientData(data)).payload
-    plain = trainer.fit(task(start, mu=0.0, **cfg), ClientData(data)).payload
+    prox = update(trainer.fit(task(start, **cfg), ClientData(data), hooks=[ProxHook(ProxHook.Config(mu=mu))]))
+    plain = update(trainer.fit(task(start, **cfg), ClientData(data)))
+    zero = update(trainer.fit(task(start, **cfg), ClientData(data), hooks=[ProxHook(ProxHook.Config(mu=0.0))]))
     expected = prox_reference(start, data, 21, epochs, batch_size, lr, mu, momentum)
     torch.testing.assert_close(start + prox, expected, rtol=0, atol=1e-6)
     # the proximal term made a visible difference (the first step has w == w_global, later ones do not)
     assert (prox - plain).abs().max() > 1e-4
+    assert torch.equal(zero, plain)  # mu = 0 adds exactly nothing
+    # through the client entry point, the task's hook request builds the same hook
+    app = ClientApp(trainer, {"c": ClientData(data)})
+    asked = app(TrainTask(1, "c", {"weights": start}, {**LocalConfig(**cfg).to_dict(), "hooks": {"prox": {"mu": mu}}}))
+    assert torch.equal(asked.arrays["update"], prox)
 
 
 # -- evaluation --------------------------------------------------------------------------------
@@ -193,7 +217,8 @@ def oracle_data(preds: list[int], labels: list[int]) -> ArrayDataset:
 def test_evaluate_model_accuracy_and_loss_on_controlled_predictions(batch_size: int) -> None:
     preds = [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
     labels = [0, 1, 2, 0, 1, 1, 3, 3, 0, 2]  # 6 of 10 right
-    loss, acc, n = evaluate_model(Oracle(3.0), oracle_data(preds, labels), torch.device("cpu"), batch_size)
+    n, metrics = evaluate_model(Oracle(3.0), oracle_data(preds, labels), torch.device("cpu"), batch_size)
+    loss, acc = metrics["loss"], metrics["accuracy"]
     assert n == 10
     assert acc == 0.6
     # CE with logits m*onehot: right -> log(e^m + 3) - m, wrong -> log(e^m + 3)
@@ -211,7 +236,7 @@ def test_evaluate_model_empty_and_eval_mode() -> None:
     assert not model.training
     assert evaluate_model(model, data, torch.device("cpu")) == first  # dropout off: deterministic
     empty = ArrayDataset(torch.zeros(0, 1, 2, 2), torch.zeros(0, dtype=torch.long))
-    assert evaluate_model(model, empty, torch.device("cpu")) == (0.0, 0.0, 0)
+    assert evaluate_model(model, empty, torch.device("cpu")) == (0, {})
 
 
 def test_trainer_evaluate_uses_test_data_and_task_weights() -> None:
@@ -220,12 +245,19 @@ def test_trainer_evaluate_uses_test_data_and_task_weights() -> None:
     train = oracle_data([0, 1], [0, 1])
     test = oracle_data([0, 1, 2, 3], [0, 1, 1, 1])
     weights = torch.tensor([0.5])
-    res = trainer.evaluate(EvalTask(4, "c", weights, {"eval_batch_size": 3}), ClientData(train, test))
+    n, metrics = trainer.evaluate(EvalTask(4, "c", {"weights": weights}, {"eval_batch_size": 3}),
+                                  ClientData(train, test))
+    assert (n, metrics["accuracy"]) == (4, 0.5)
+    assert model.dummy.item() == 0.5
+    # the client entry point answers with an EvalResult for the task's round and client
+    app = ClientApp(trainer, {"c": ClientData(train, test), "no-test": ClientData(train)})
+    res = app(EvalTask(4, "c", {"weights": weights}, {"eval_batch_size": 3}))
     assert isinstance(res, EvalResult)
     assert (res.round, res.client_id, res.num_examples, res.accuracy) == (4, "c", 4, 0.5)
-    assert model.dummy.item() == 0.5
-    only_train = trainer.evaluate(EvalTask(4, "c", weights, {}), ClientData(train))
-    assert only_train.num_examples == 2 and only_train.accuracy == 1.0
+    # a client without test data answers with no examples and no metrics (never its training data)
+    assert trainer.evaluate(EvalTask(4, "c", {"weights": weights}, {}), ClientData(train)) == (0, {})
+    only_train = app(EvalTask(4, "no-test", {"weights": weights}, {}))
+    assert (only_train.num_examples, only_train.metrics, only_train.accuracy) == (0, {}, None)
 
 
 # -- batching ----------------------------------------------------------------------------------
@@ -325,7 +357,7 @@ def test_labels_come_out_int64_for_every_dataset_kind(label_dtype: torch.dtype) 
     start = trainer.vector.read()
     reference = trainer.fit(task(start, batch_size=5, lr=0.1, seed=2), ClientData(ArrayDataset(x, y)))
     result = trainer.fit(task(start, batch_size=5, lr=0.1, seed=2), ClientData(tensor_ds))
-    torch.testing.assert_close(result.payload, reference.payload, rtol=0, atol=1e-6)
+    torch.testing.assert_close(update(result), update(reference), rtol=0, atol=1e-6)
     for ds in (Generic(), tensor_ds):
         batches = list(iter_batches(ds, 5, shuffle=False))
         assert all(yb.dtype == torch.int64 for _, yb in batches)

@@ -151,3 +151,42 @@ def test_train_refuses_unknown_or_per_client_settings(digits) -> None:
     with pytest.raises(ConfigError, match="learning_rate"):
         server.train(num_epochs=1, lr=0.1, learning_rate=0.5)
     assert server.history == []  # nothing ran
+
+
+def _tiny_clients(k: int = 3) -> list[FedClient]:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    return [FedClient(nn.Linear(4, 3), TensorDataset(torch.randn(12, 4, generator=g), torch.randint(0, 3, (12,),
+                                                                                                    generator=g)),
+                      client_id=f"c{i}", batch_size=4) for i in range(k)]
+
+
+def test_train_mu_sets_the_fedprox_coefficient_clients_receive() -> None:
+    from fedlearn.strategies import build_strategy
+    from fedlearn.strategies.dp import CentralDP
+
+    server = FedServer(_tiny_clients(), strategy="fedprox")
+    server.train(num_epochs=1, lr=0.1, mu=0.5)
+    assert server.strategy.hooks() == {"prox": {"mu": 0.5}}
+    assert server.strategy.configure_train(2, server.loop.state, ["c0"], 0)[0].config["hooks"] == {"prox": {"mu": 0.5}}
+    with pytest.raises(ConfigError, match="mu"):
+        server.train(num_epochs=1, lr=0.1, mu=-1.0)
+    assert server.strategy.hooks() == {"prox": {"mu": 0.5}}  # a refused mu is not kept for the next round
+    assert len(server.history) == 1
+    with pytest.raises(ConfigError, match="mu"):
+        FedServer(_tiny_clients(), strategy="fedavg").train(num_epochs=1, lr=0.1, mu=0.5)
+    # a privacy wrapper hands mu to the FedProx it wraps: its hook is what clients run
+    wrapped = CentralDP(build_strategy("fedprox", mu=0.1), clip_norm=1.0, noise_multiplier=0.5, delta=1e-5)
+    FedServer(_tiny_clients(), strategy=wrapped).train(num_epochs=1, lr=0.1, mu=0.7)
+    assert wrapped.inner.config.mu == 0.7 and wrapped.hooks() == {"prox": {"mu": 0.7}}
+
+
+def test_a_strategy_instance_brings_its_own_sampler() -> None:
+    from fedlearn.strategies import FedAvg, Sampler
+
+    strategy = FedAvg(sampler=Sampler(0.5))
+    with pytest.raises(ConfigError, match="fraction"):
+        FedServer(_tiny_clients(4), strategy=strategy, fraction=1.0)
+    server = FedServer(_tiny_clients(4), strategy=strategy, fraction=0.5)  # agreeing is fine
+    assert server.train(num_epochs=1, lr=0.1)["clients_sampled"] == 2
+    assert FedServer(_tiny_clients(4), strategy=FedAvg(sampler=Sampler(0.5))).train()["clients_sampled"] == 2

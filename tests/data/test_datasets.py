@@ -77,17 +77,11 @@ def _assert_one_line_missing(error: pytest.ExceptionInfo, folder: Path, names: l
 def test_names() -> None:
     assert DATASETS[:5] == ("digits", "mnist", "fashion-mnist", "cifar10", "femnist")
     assert {"pneumoniamnist", "breastmnist", "bloodmnist", "tissuemnist", "retinamnist"} <= set(DATASETS)
-    assert "chestmnist" not in DATASETS
 
 
 def test_unknown_name_is_config_error() -> None:
     with pytest.raises(ConfigError, match="unknown dataset 'imagenet'; choose one of: digits, mnist"):
         load_dataset("imagenet")
-
-
-def test_chestmnist_refused_as_multi_label() -> None:
-    with pytest.raises(DataError, match="chestmnist is multi-label.*not supported"):
-        load_dataset("chestmnist", download=False)
 
 
 # --- digits --------------------------------------------------------------------------------------------------
@@ -388,3 +382,104 @@ def test_femnist_missing(tmp_path: Path, download: bool) -> None:
     with pytest.raises(DataError, match="no LEAF data found.*preprocess.sh") as error:
         load_dataset("femnist", tmp_path, download=download)
     _assert_one_line_missing(error, tmp_path, ["x_train", "writer_ids", str(tmp_path / "train")])
+
+
+# --- tasks: multilabel chestmnist, regression, bundle.task -----------------------------------------------------
+
+def _chestmnist_npz(path: Path, labels: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """A tiny chestmnist.npz in the MedMNIST layout: grayscale 28x28 images and (N, 14) uint8 0/1 labels."""
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 20), ("val", 3), ("test", 6)):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (rng.random((n, 14)) < 0.15).astype(np.uint8)
+    arrays["train_labels"][:3] = 0  # some "no finding" rows
+    arrays.update(labels or {})
+    np.savez(path, **arrays)
+    return arrays
+
+
+def test_chestmnist_loads_as_multilabel(tmp_path: Path) -> None:
+    from fedlearn.data.datasets import partition_labels
+    from fedlearn.data.partition import label_counts, partition_indices
+
+    assert "chestmnist" in DATASETS
+    arrays = _chestmnist_npz(tmp_path / "chestmnist.npz")
+    bundle = load_dataset("chestmnist", tmp_path, download=False)
+    assert bundle.task == "multilabel" and bundle.num_classes == 14
+    assert bundle.train.x.shape == (20, 1, 28, 28) and bundle.input_shape == (1, 28, 28)
+    assert bundle.train.y.shape == (20, 14) and bundle.train.y.dtype == torch.float32
+    np.testing.assert_array_equal(bundle.test.y.numpy(), arrays["test_labels"])
+    np.testing.assert_allclose(_pixels(bundle, "test")[:, 0].numpy(), arrays["test_images"] / 255, atol=1e-5)
+
+    groups, classes = partition_labels(bundle)
+    raw = arrays["train_labels"]
+    expected = [int(np.flatnonzero(row)[0]) if row.any() else 14 for row in raw]
+    assert classes == 15 and groups.tolist() == expected and groups[:3].tolist() == [14, 14, 14]
+    parts = partition_indices(groups, 3, "dirichlet", seed=0, alpha=1.0)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(20))
+    assert sum(label_counts(groups, np.arange(20), classes)) == 20
+
+
+@pytest.mark.parametrize(
+    ("labels", "pattern"),
+    [
+        (np.full((20, 14), 2, dtype=np.uint8), "must all be 0 or 1"),
+        (np.zeros((20, 1), dtype=np.uint8), r"shape \(20, 1\), expected \(N, 14\)"),
+    ],
+)
+def test_chestmnist_bad_labels_are_data_errors(tmp_path: Path, labels: np.ndarray, pattern: str) -> None:
+    _chestmnist_npz(tmp_path / "chestmnist.npz", {"train_labels": labels})
+    with pytest.raises(DataError, match=pattern) as error:
+        load_dataset("chestmnist", tmp_path, download=False)
+    assert "\n" not in str(error.value)
+
+
+def test_chestmnist_missing_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="pip install medmnist") as error:
+        load_dataset("chestmnist", tmp_path, download=False)
+    _assert_one_line_missing(error, tmp_path, ["chestmnist.npz"])
+
+
+def test_bundle_task_defaults_to_classification(tmp_path: Path) -> None:
+    assert load_dataset("digits").task == "classification"
+    _medmnist_npz(tmp_path / "bloodmnist.npz")
+    bundle = load_dataset("bloodmnist", tmp_path, download=False)
+    assert bundle.task == "classification" and bundle.train.y.dtype == torch.int64
+    plain = DatasetBundle(bundle.name, bundle.train, bundle.test, 8, (3, 28, 28), (0.0,), (1.0,))
+    assert plain.task == "classification"
+
+
+def test_make_bundle_task_checks() -> None:
+    from fedlearn.data.bundle import make_bundle
+
+    x = np.zeros((4, 1, 2, 2))
+    with pytest.raises(ConfigError, match="unknown task 'ranking'"):
+        make_bundle("toy", (x, np.zeros(4)), (x, np.zeros(4)), num_classes=1, scale=1.0, task="ranking")
+    with pytest.raises(DataError, match="NaN or infinity"):
+        make_bundle("toy", (x, np.array([0.0, np.nan, 1.0, 2.0])), (x, np.zeros(4)), num_classes=1, scale=1.0,
+                    task="regression")
+    with pytest.raises(DataError, match=r"expected \(N, 3\)"):
+        make_bundle("toy", (x, np.zeros(4)), (x, np.zeros(4)), num_classes=3, scale=1.0, task="regression")
+    with pytest.raises(DataError, match="train split has 4 images but 3 labels"):
+        make_bundle("toy", (x, np.zeros((3, 2))), (x, np.zeros((4, 2))), num_classes=2, scale=1.0, task="multilabel")
+    bundle = make_bundle("toy", (x, np.ones((4, 2))), (x, np.zeros((4, 2))), num_classes=2, scale=1.0,
+                         task="regression")
+    assert bundle.task == "regression" and bundle.train.y.shape == (4, 2) and bundle.train.y.dtype == torch.float32
+
+
+def test_synthetic_regression() -> None:
+    from fedlearn.data.datasets import REGRESSION_BINS, partition_labels
+    from fedlearn.data.synthetic import true_weights
+
+    bundle = load_dataset("synthetic-regression")
+    assert bundle.task == "regression" and bundle.num_classes == 1 and bundle.input_shape == (1, 1, 8)
+    assert (len(bundle.train), len(bundle.test)) == (800, 200) and bundle.train.y.dtype == torch.float32
+    x = bundle.train.x.reshape(800, 8).double().numpy()
+    fitted = np.linalg.lstsq(x, bundle.train.y.double().numpy(), rcond=None)[0]
+    assert np.abs(fitted - true_weights()).max() < 0.02  # noise std 0.1 over 800 examples
+    assert torch.equal(load_dataset("synthetic-regression").test.y, bundle.test.y)
+    bins, classes = partition_labels(bundle)
+    assert classes == REGRESSION_BINS and np.bincount(bins).tolist() == [80] * REGRESSION_BINS
+    test_bins, _ = partition_labels(bundle, "test")
+    assert test_bins.min() >= 0 and test_bins.max() < REGRESSION_BINS

@@ -12,7 +12,8 @@ from fedlearn.faces.config import FaceConfig
 from fedlearn.faces.experiment import FaceRunSettings, run_method
 from fedlearn.faces.model import FaceEmbeddingNet
 from fedlearn.faces.split import split_identities
-from fedlearn.protocol.messages import EvalResult, EvalTask, TrainResult, TrainTask, decode, encode
+from fedlearn.protocol.codec import decode, encode
+from fedlearn.protocol.messages import EvalResult, EvalTask, Message, TrainResult, TrainTask
 from fedlearn.protocol.params import ParamSpec
 from fedlearn.runtime.base import ClientFailure
 from fedlearn.runtime.inprocess import InProcessRuntime
@@ -39,25 +40,28 @@ class RecordingRuntime:
     def client_ids(self) -> list[str]:
         return self.inner.client_ids()
 
-    def train(self, tasks: Sequence[TrainTask]) -> Iterator[TrainResult | ClientFailure]:
+    def deliver(self, tasks: Sequence[Message]) -> Iterator[Message | ClientFailure]:
+        if any(not isinstance(t, TrainTask) for t in tasks):
+            raise AssertionError("this run must not evaluate on clients")
         delivered = [self._cross(t, self.wire_down) for t in tasks]
         self.sent.extend(delivered)
-        for answer in self.inner.train(delivered):
+        for answer in self.inner.deliver(delivered):
             answer = self._cross(answer, self.wire_up)
             self.received.append(answer)
             yield answer
-
-    def evaluate(self, tasks: Sequence[EvalTask]) -> Iterator[EvalResult | ClientFailure]:
-        raise AssertionError("this run must not evaluate on clients")
 
     def close(self) -> None:
         self.inner.close()
 
 
 def _plain(value) -> bool:
-    """Only scalars (and dicts of scalars) may ride in a task's config: no vector, list or tensor."""
+    """Only scalars (and dicts of scalars) may ride in a task's config: no vector or tensor. The one list
+    allowed is a list of names or settings dicts (the ``uplink`` array names, a ``transforms`` pipeline),
+    never a list of numbers, which could smuggle a vector."""
     if isinstance(value, dict):
         return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(isinstance(v, str) or (isinstance(v, dict) and _plain(v)) for v in value)
     return value is None or isinstance(value, (bool, int, float, str))
 
 
@@ -77,19 +81,20 @@ def test_only_backbone_vectors_cross_and_no_head_ever_does(method, synthetic_fac
     assert len(box.sent) == len(box.received) == 2 * 3  # two rounds, three parties
 
     for message in box.sent + box.received:
-        tensors = {f.name: getattr(message, f.name) for f in fields(message)
-                   if isinstance(getattr(message, f.name), torch.Tensor)}
+        # no tensor rides outside the named arrays, and the arrays are exactly the backbone's vector
+        assert not [f.name for f in fields(message) if isinstance(getattr(message, f.name), torch.Tensor)]
+        tensors = dict(message.arrays)
         if isinstance(message, TrainTask):
             assert list(tensors) == ["weights"]
-            assert _plain(message.config)
+            assert _plain(message.config) and message.config["uplink"] == ["update"]
         else:
-            assert list(tensors) == ["payload"]
-            assert set(message.metrics) == {"train_loss"}
+            assert list(tensors) == ["update"]
+            assert set(message.metrics) == {"train_loss"} and message.sealed == {}
         (vector,) = tensors.values()
         assert vector.dtype == torch.float32 and vector.shape == (backbone_size,)
 
     # the heads exist on the client side, and not one of their rows appears in any encoded message
-    heads = box.inner.trainer.heads.items()
+    heads = box.inner.app.trainer.heads.items()
     assert sorted(cid for cid, _ in heads) == ["party-0", "party-1", "party-2"]
     for _, head in heads:
         if method == "fedavg":

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from fedlearn.client.config import LocalConfig
 from fedlearn.client.data import ClientData
 from fedlearn.errors import ConfigError, DataError
 from fedlearn.faces.config import FaceConfig
@@ -17,8 +16,10 @@ from fedlearn.faces.split import local_dataset
 from fedlearn.faces.strategy import CodebookFedAvg, PrivateHeadFedAvg
 from fedlearn.faces.templates import HeadStore, pool_rows, public_codebook
 from fedlearn.faces.trainer import PrivateHeadTrainer
+from fedlearn.protocol.local import LocalConfig
 from fedlearn.protocol.messages import EvalTask, TrainTask
 from fedlearn.protocol.params import ModelVector
+from fedlearn.strategies.base import ServerState
 
 
 def test_cosface_loss_matches_the_formula():
@@ -56,9 +57,11 @@ def test_codebook_heads_draw_distinct_rows_from_their_own_pool_only():
         store.get("party-0", 8, 30, FaceConfig(templates="learned"))
 
 
-def _task(round_: int, cid: str, weights: torch.Tensor, face: FaceConfig, **local) -> TrainTask:
+def _task(round_: int, cid: str, weights: torch.Tensor, face: FaceConfig, hooks=None, **local) -> TrainTask:
     config = LocalConfig(local_epochs=1, batch_size=8, lr=0.05, momentum=0.9, seed=round_, **local).to_dict()
-    return TrainTask(round_, cid, weights, {**config, "face": face.to_dict()})
+    if hooks:
+        config["hooks"] = hooks
+    return TrainTask(round_, cid, {"weights": weights}, {**config, "face": face.to_dict()})
 
 
 @pytest.mark.parametrize("templates", ["learned", "codebook"])
@@ -70,17 +73,19 @@ def test_trainer_returns_a_backbone_update_and_keeps_the_head(templates, synthet
     weights = ModelVector(backbone).read()
     face = FaceConfig(templates=templates)
     first = trainer.fit(_task(1, "party-0", weights, face), data)
-    assert first.payload.shape == weights.shape and first.num_examples == 24
-    assert first.payload.abs().sum() > 0
+    assert list(first.arrays) == ["update"]  # only the backbone's update; the head stays here
+    update = first.arrays["update"]
+    assert update.shape == weights.shape and first.num_examples == 24
+    assert update.abs().sum() > 0
     head = trainer.heads.items()[0][1]
     before = None if head.weight is None else head.weight.clone()
-    trainer.fit(_task(2, "party-0", weights + first.payload, face), data)
+    trainer.fit(_task(2, "party-0", weights + update, face), data)
     if templates == "learned":
         assert head.weight.shape == (4, 8) and not torch.equal(head.weight, before)  # trained, kept, reused
     else:
         assert head.weight is None and head.rows.shape == (4,)
-    result = trainer.evaluate(EvalTask(2, "party-0", weights, {"face": face.to_dict()}), data)
-    assert result.num_examples == 24 and 0.0 <= result.accuracy <= 1.0
+    n, metrics = trainer.evaluate(EvalTask(2, "party-0", {"weights": weights}, {"face": face.to_dict()}), data)
+    assert n == 24 and 0.0 <= metrics["accuracy"] <= 1.0
 
 
 def test_trainer_learns_its_people(synthetic_faces):
@@ -93,9 +98,10 @@ def test_trainer_learns_its_people(synthetic_faces):
     face = FaceConfig(templates="codebook", augment=False)
     weights = ModelVector(backbone).read()
     config = LocalConfig(local_epochs=20, batch_size=8, lr=0.05, momentum=0.9).to_dict()
-    result = trainer.fit(TrainTask(1, "p", weights, {**config, "face": face.to_dict()}), data)
-    score = trainer.evaluate(EvalTask(1, "p", weights + result.payload, {"face": face.to_dict()}), data)
-    assert score.accuracy >= 0.9
+    result = trainer.fit(TrainTask(1, "p", {"weights": weights}, {**config, "face": face.to_dict()}), data)
+    _, score = trainer.evaluate(EvalTask(1, "p", {"weights": weights + result.arrays["update"]},
+                                         {"face": face.to_dict()}), data)
+    assert score["accuracy"] >= 0.9
 
 
 def test_trainer_refuses_what_it_cannot_do(synthetic_faces):
@@ -106,6 +112,9 @@ def test_trainer_refuses_what_it_cannot_do(synthetic_faces):
     data = ClientData(train=local_dataset(faces, (0, 1, 2)))
     with pytest.raises(ConfigError, match="delta"):
         trainer.fit(_task(1, "p", weights, FaceConfig(), mode="gradient"), data)
+    with pytest.raises(ConfigError, match="prox hook only"):  # DP-SGD's per-example clipping is not supported
+        trainer.fit(_task(1, "p", weights, FaceConfig(), hooks={"dpsgd": {"clip_norm": 1.0, "noise_multiplier": 1.0}}),
+                    data)
     skipped = ClientData(train=local_dataset(faces, (0, 2)))
     skipped.train.y[skipped.train.y == 1] = 2
     with pytest.raises(DataError, match="none skipped"):
@@ -115,20 +124,20 @@ def test_trainer_refuses_what_it_cannot_do(synthetic_faces):
 
 
 def test_strategies_send_public_settings_and_keep_no_tensor_state():
-    weights = torch.zeros(5)
+    server = ServerState(torch.zeros(5))
     base = PrivateHeadFedAvg(LocalConfig(), FaceConfig(scale=10.0))
-    (task,) = base.configure_train(1, weights, ["a"], seed=0)
+    (task,) = base.configure_train(1, server, ["a"], seed=0)
     assert task.config["face"]["templates"] == "learned" and task.config["face"]["scale"] == 10.0
     book = CodebookFedAvg(LocalConfig(), FaceConfig(), pools=2)
-    tasks = book.configure_train(1, weights, ["a", "b"], seed=0)
+    tasks = book.configure_train(1, server, ["a", "b"], seed=0)
     assert [t.config["face"]["pool"] for t in tasks] == [0, 1]
-    assert [t.config["face"]["pool"] for t in book.configure_train(2, weights, ["b", "a"], seed=0)] == [1, 0]
+    assert [t.config["face"]["pool"] for t in book.configure_train(2, server, ["b", "a"], seed=0)] == [1, 0]
     with pytest.raises(ConfigError, match="pools are taken"):
-        book.configure_train(3, weights, ["c"], seed=0)
+        book.configure_train(3, server, ["c"], seed=0)
     state = book.state_dict()
     assert not any(isinstance(v, torch.Tensor) for v in state.values())
     fresh = CodebookFedAvg(LocalConfig(), FaceConfig(), pools=2)
     fresh.load_state_dict(state)
     assert fresh.pool_of == {"a": 0, "b": 1}
-    evals = fresh.configure_evaluate(3, weights, ["b"])
+    evals = fresh.configure_evaluate(3, server, ["b"])
     assert evals[0].config["face"]["pool"] == 1

@@ -9,21 +9,26 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from fedlearn.cli import main
-from fedlearn.client.config import LocalConfig
+from fedlearn.client.app import ClientApp, ClientPolicy, TaskRefused
 from fedlearn.client.data import ClientData
 from fedlearn.client.trainer import LocalTrainer
+from fedlearn.core.client import FedClient
+from fedlearn.core.server import FedServer
 from fedlearn.data.arrays import ArrayDataset
+from fedlearn.errors import ConfigError
 from fedlearn.privacy.accountant import PrivacyAccountant
-from fedlearn.privacy.dp import clip_by_norm, noise_generator
-from fedlearn.protocol.messages import TrainResult
+from fedlearn.privacy.dp import clip_by_norm, gaussian_noise, noise_generator
+from fedlearn.protocol.local import LocalConfig
+from fedlearn.protocol.messages import TrainResult, TrainTask
 from fedlearn.protocol.params import ModelVector
 from fedlearn.runtime.inprocess import InProcessRuntime
 from fedlearn.server.loop import RoundLoop
-from fedlearn.server.sampling import poisson_sample
-from fedlearn.strategies import FedAvg
-from fedlearn.strategies.dp_fedavg import DPFedAvg, NoisySum
+from fedlearn.strategies import FedAdamStrategy, FedAvg, FedProx, PoissonSampler, Sampler, ServerState, build_strategy
+from fedlearn.strategies.dp import DPSGD, CentralDP, DPFedAvg, LocalDP, NoisySum
+from fedlearn.transforms import Clip, GaussianNoise, TransformContext, joint_norm
 
 
 def test_no_clipped_update_exceeds_the_bound() -> None:
@@ -37,24 +42,31 @@ def test_no_clipped_update_exceeds_the_bound() -> None:
             assert torch.equal(clipped, update)  # below the bound nothing changes
         else:  # clipping only rescales
             assert torch.allclose(clipped * (norm / 1.0), update, rtol=1e-5, atol=1e-6)
+        # the client's clip transform bounds every uplink array jointly, the same way
+        control = torch.randn(10, generator=g) * scale
+        metrics: dict[str, float] = {}
+        out = Clip(Clip.Config(1.0)).client({"update": update, "control_delta": control}, metrics,
+                                            TransformContext("c", 1))
+        assert joint_norm(out) <= 1.0 + 1e-6
+        assert metrics["below_clip"] == float(joint_norm({"u": update, "c": control}) <= 1.0)
 
 
 def test_noise_has_the_configured_standard_deviation() -> None:
     """sum + N(0, (z C)^2), divided by the expected count: a statistical check with a fixed seed."""
     z, clip, expected = 1.3, 0.7, 4.0
-    weights = torch.zeros(200_000)
-    agg = NoisySum(weights, clip, z * clip, expected, noise_generator(1234))
-    out = agg.finish().double()
+    agg = NoisySum({"update": 200_000}, clip, z * clip, expected, noise_generator(1234))
+    out = agg.result()["update"].double()
     assert abs(float(out.mean())) < 5 * (z * clip / expected) / math.sqrt(out.numel())
     assert float(out.std()) == pytest.approx(z * clip / expected, rel=0.01)
 
 
 def test_server_clips_again_and_divides_by_the_expected_count() -> None:
-    weights = torch.zeros(3)
-    agg = NoisySum(weights, 1.0, 0.0, expected_clients=4.0, generator=noise_generator(0))
-    agg.add(TrainResult(1, "a", 10, torch.tensor([3.0, 4.0, 0.0])), torch.tensor([3.0, 4.0, 0.0]))  # norm 5
-    agg.add(TrainResult(1, "b", 10, torch.tensor([0.0, 0.0, 0.5])), torch.tensor([0.0, 0.0, 0.5]))
-    assert torch.allclose(agg.finish(), torch.tensor([0.6, 0.8, 0.5]) / 4.0)
+    agg = NoisySum({"update": 3}, 1.0, 0.0, expected=4.0, generator=noise_generator(0))
+    a, b = torch.tensor([3.0, 4.0, 0.0]), torch.tensor([0.0, 0.0, 0.5])  # a has norm 5
+    agg.add(TrainResult(1, "a", 10, {"update": a}), {"update": a})
+    agg.add(TrainResult(1, "b", 10, {"update": b}), {"update": b})
+    assert agg.count == 2
+    assert torch.allclose(agg.result()["update"], torch.tensor([0.6, 0.8, 0.5]) / 4.0)
 
 
 def _equal_clients(k: int = 4, n: int = 24) -> dict[str, ClientData]:
@@ -63,31 +75,53 @@ def _equal_clients(k: int = 4, n: int = 24) -> dict[str, ClientData]:
     return {f"c{i}": ClientData(ArrayDataset(x[i * n:(i + 1) * n], y[i * n:(i + 1) * n])) for i in range(k)}
 
 
-def _run(strategy, sampling: str, rounds: int = 3) -> torch.Tensor:
+def _loop(strategy, policy: ClientPolicy | None = None) -> RoundLoop:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
     vector = ModelVector(model)
-    loop = RoundLoop(strategy, InProcessRuntime(LocalTrainer(model, "cpu"), _equal_clients()), vector.spec,
-                     vector.read(), sampling=sampling, fraction=1.0, seed=3)
+    app = ClientApp(LocalTrainer(model, "cpu"), _equal_clients(), policy=policy)
+    return RoundLoop(strategy, InProcessRuntime(app), vector.spec, vector.read(), seed=3)
+
+
+def _run(strategy, rounds: int = 3) -> torch.Tensor:
+    loop = _loop(strategy)
     loop.run(rounds)
     return loop.weights
 
 
-def test_zero_noise_and_a_large_clip_norm_equal_fedavg() -> None:
-    """With equal client sizes (DP-FedAvg weighs clients uniformly) and q = 1, it is FedAvg exactly."""
-    local = LocalConfig(local_epochs=1, batch_size=8, lr=0.1)
-    fedavg = _run(FedAvg(local), "uniform")
-    dp = _run(DPFedAvg(local, clip_norm=1e6, noise_multiplier=0.0, num_clients=4, sampling_rate=1.0, delta=1e-5),
-              "poisson")
-    assert torch.equal(dp, fedavg)
+LOCAL = LocalConfig(local_epochs=1, batch_size=8, lr=0.1)
+
+
+@pytest.mark.parametrize(("name", "values"),
+                         [("fedavg", {}), ("fedadam", {"server_lr": 0.05}), ("fedprox", {"mu": 0.1})])
+def test_zero_noise_and_a_large_clip_norm_equal_the_wrapped_algorithm(name: str, values: dict) -> None:
+    """With equal client sizes (DP-FedAvg weighs clients uniformly) and q = 1, central DP is the inner algorithm
+    exactly, whatever its server optimizer or client hooks."""
+    plain = _run(build_strategy(name, LOCAL, **values))
+    dp = _run(CentralDP(build_strategy(name, LOCAL, **values), clip_norm=1e6, noise_multiplier=0.0, delta=1e-5))
+    assert torch.equal(dp, plain)
+    if name == "fedavg":
+        convenience = DPFedAvg(LOCAL, clip_norm=1e6, noise_multiplier=0.0, num_clients=4, sampling_rate=1.0,
+                               delta=1e-5)
+        assert torch.equal(_run(convenience), plain)
 
 
 def test_poisson_sampling_flips_a_coin_per_client() -> None:
     ids = [f"c{i}" for i in range(200)]
-    sizes = [len(poisson_sample(ids, 0.1, seed=5, round=r)) for r in range(1, 201)]
+    sampler = PoissonSampler(0.1)
+    assert (sampler.kind, sampler.rate) == ("poisson", 0.1)
+    sizes = [len(sampler.sample(ids, r, seed=5)) for r in range(1, 201)]
     assert sum(sizes) / len(sizes) == pytest.approx(20, rel=0.05)
     assert len(set(sizes)) > 5  # the count itself is random
-    assert poisson_sample(ids, 0.1, seed=5, round=3) == poisson_sample(ids, 0.1, seed=5, round=3)
+    assert sampler.sample(ids, 3, seed=5) == sampler.sample(ids, 3, seed=5)
+    assert sampler.population == 200 and sampler.expected() == pytest.approx(20)
+
+
+def test_central_dp_samples_with_poisson_at_the_inner_rate_and_accounts_that_rate() -> None:
+    strategy = CentralDP(FedAvg(sampler=Sampler(0.3)), clip_norm=1.0, noise_multiplier=1.0, delta=1e-5)
+    assert isinstance(strategy.sampler, PoissonSampler) and strategy.sampler.rate == 0.3
+    assert strategy.inner.sampler is strategy.sampler  # one sampler: the one that samples is the one accounted
+    assert (strategy.accountant.sampling_rate, strategy.accountant.sampling) == (0.3, "poisson")
 
 
 def _rows(run: Path) -> list[dict]:
@@ -134,7 +168,8 @@ def test_target_epsilon_can_stop_the_run_before_the_budget(tmp_path: Path) -> No
 
 def test_dp_refuses_a_strategy_that_breaks_the_guarantee(tmp_path: Path, capsys) -> None:
     assert main(["run", "--quiet", "--dp", "central", "--algorithm", "fedsgd", "--output", str(tmp_path / "r")]) == 2
-    assert "--dp central works with fedavg or fedprox" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--dp works with algorithms whose clients send model updates" in err and "fedsgd" in err
 
 
 def test_adaptive_clipping_moves_the_norm_geometrically_towards_the_quantile() -> None:
@@ -142,13 +177,17 @@ def test_adaptive_clipping_moves_the_norm_geometrically_towards_the_quantile() -
     strategy = DPFedAvg(LocalConfig(), clip_norm=4.0, noise_multiplier=0.0, num_clients=10, sampling_rate=1.0,
                         delta=1e-5, adaptive_quantile=0.5, clip_learning_rate=0.2, clipped_count_stddev=1e-12,
                         noise_seed=0)
-    agg = strategy.begin_aggregation(1, torch.zeros(2))
+    state = ServerState(torch.zeros(2))
+    assert strategy.configure_train(1, state, ["c0"], 0)[0].config["transforms"] == [{"name": "clip", "norm": 4.0}]
+    agg = strategy.aggregator(1, state)
     for k, norm in enumerate([1.0, 2.0, 3.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0]):  # 3 of 10 within C = 4
         update = torch.tensor([norm, 0.0])
-        agg.add(TrainResult(1, f"c{k}", 1, update, {"below_clip": float(norm <= 4.0)}), update)
-    agg.finish()
+        agg.add(TrainResult(1, f"c{k}", 1, {"update": update}, {"below_clip": float(norm <= 4.0)}), {"update": update})
+    strategy.apply(state, agg.result(), agg.count)
     assert strategy.clip_norm == pytest.approx(4.0 * math.exp(-0.2 * (0.3 - 0.5)), rel=1e-9)
-    assert strategy.local.clip_norm == strategy.clip_norm  # the next round's clients clip to the new norm
+    # the next round's clients are asked to clip to the new norm
+    task = strategy.configure_train(2, state, ["c0"], 0)[0]
+    assert task.config["transforms"] == [{"name": "clip", "norm": strategy.clip_norm}]
     assert strategy.round_metrics()["clip_norm"] == 4.0  # the norm this round used
 
 
@@ -164,29 +203,53 @@ def test_adaptive_clipping_in_a_run_is_accounted(tmp_path: Path) -> None:
     assert rows[-1]["epsilon"] == pytest.approx(reference.epsilon_after(10), rel=1e-9)
 
 
-def test_local_dp_clients_noise_their_own_updates(tmp_path: Path) -> None:
+def test_local_dp_clients_noise_their_own_updates() -> None:
     """What leaves a client is clip(update) + N(0, (z C)^2): the server never sees the clean update."""
-    from fedlearn.protocol.messages import TrainTask
-    from fedlearn.strategies.dp_fedavg import LocalDPFedAvg
-
-    strategy = LocalDPFedAvg(LocalConfig(local_epochs=1, batch_size=8, lr=0.1), clip_norm=0.5, noise_multiplier=2.0,
-                             delta=1e-5, noise_seed=11)
+    strategy = LocalDP(FedAvg(local=LOCAL), clip_norm=0.5, noise_multiplier=2.0, delta=1e-5)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
     trainer = LocalTrainer(model, "cpu")
     weights = trainer.vector.read()
-    data = _equal_clients(k=1, n=64)["c0"]
-    task = strategy.configure_train(1, weights, ["c0"], seed=1)[0]
-    noisy = trainer.fit(task, data)
-    clean = trainer.fit(TrainTask(1, "c0", weights, {**task.config, "local_noise_std": 0.0}), data)
-    assert float(torch.linalg.vector_norm(clean.payload.double())) <= 0.5 + 1e-6
-    noise = (noisy.payload - clean.payload).double()
+    data = {"c0": _equal_clients(k=1, n=64)["c0"]}
+    task = strategy.configure_train(1, ServerState(weights), ["c0"], seed=1)[0]
+    assert task.config["transforms"] == [{"name": "clip", "norm": 0.5}, {"name": "gaussian", "std": 1.0}]
+    noisy = ClientApp(trainer, data, seeded_privacy=11)(task)
+    clip_only = {**task.config, "transforms": [{"name": "clip", "norm": 0.5}]}
+    clean = ClientApp(trainer, data)(TrainTask(1, "c0", task.arrays, clip_only))
+    assert float(torch.linalg.vector_norm(clean.arrays["update"].double())) <= 0.5 + 1e-6
+    noise = (noisy.arrays["update"] - clean.arrays["update"]).double()
     assert float(noise.std()) == pytest.approx(2.0 * 0.5, rel=0.15)  # 51 values: a loose statistical bound
     assert "below_clip" not in noisy.metrics
+    # the simulation-only seeded switch makes the client's noise reproducible, and only it
+    again = ClientApp(trainer, data, seeded_privacy=11)(task)
+    other = ClientApp(trainer, data, seeded_privacy=12)(task)
+    assert torch.equal(again.arrays["update"], noisy.arrays["update"])
+    assert not torch.equal(other.arrays["update"], noisy.arrays["update"])
     # per client, every round, sensitivity 2C: noise multiplier z / 2 without sampling
     reference = PrivacyAccountant(noise_multiplier=1.0, sampling_rate=1.0, delta=1e-5)
-    strategy.begin_aggregation(1, weights)
+    strategy.aggregator(1, ServerState(weights))
     assert strategy.round_metrics()["epsilon"] == pytest.approx(reference.epsilon_after(1))
+
+
+def test_local_dp_noise_is_the_clients_own_policy() -> None:
+    """A client whose policy requires local DP noises its update even when the server asks for nothing,
+    and refuses a task asking for less noise than its policy."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    trainer = LocalTrainer(model, "cpu")
+    weights = trainer.vector.read()
+    data = {"c0": _equal_clients(k=1, n=64)["c0"]}
+    policy = ClientPolicy([Clip(Clip.Config(0.5)), GaussianNoise(GaussianNoise.Config(1.0))])
+    plain_task = FedAvg(local=LOCAL).configure_train(1, ServerState(weights), ["c0"], seed=1)[0]
+    assert "transforms" not in plain_task.config
+    own = ClientApp(trainer, data, policy=policy, seeded_privacy=3)(plain_task)
+    clipped = ClientApp(trainer, data, policy=ClientPolicy([Clip(Clip.Config(0.5))]))(plain_task)
+    noise = (own.arrays["update"] - clipped.arrays["update"]).double()
+    assert float(noise.std()) == pytest.approx(1.0, rel=0.15)
+    weaker = TrainTask(1, "c0", plain_task.arrays, {**plain_task.config, "transforms": [{"name": "gaussian",
+                                                                                        "std": 0.1}]})
+    with pytest.raises(TaskRefused, match="weaker"):
+        ClientApp(trainer, data, policy=policy)(weaker)
 
 
 def test_local_dp_run_reports_a_per_client_epsilon(tmp_path: Path) -> None:
@@ -199,23 +262,24 @@ def test_local_dp_run_reports_a_per_client_epsilon(tmp_path: Path) -> None:
 
 def test_dpsgd_clips_each_example_and_adds_calibrated_noise() -> None:
     """With z = 0 the step uses the mean of per-example gradients clipped to C; with z > 0 noise is added."""
-    from fedlearn.client.dpsgd import private_gradients
+    from fedlearn.privacy.dpsgd import private_gradients
 
+    loss = nn.functional.cross_entropy
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
     x, y = torch.randn(6, 1, 4, 4) * 10, torch.tensor([0, 1, 2, 0, 1, 2])
     private_gradients(model, x, y, clip_norm=0.1, noise_multiplier=0.0, expected_batch=6,
-                      generator=noise_generator(0))
+                      generator=noise_generator(0), loss=loss)
     got = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     expected = torch.zeros_like(got)
     for i in range(6):  # the same by hand: one example at a time, clipped, averaged
         model.zero_grad()
-        nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        loss(model(x[i:i + 1]), y[i:i + 1]).backward()
         g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
         expected += g * min(1.0, 0.1 / float(g.norm())) / 6
     assert torch.allclose(got, expected, atol=1e-6)
     private_gradients(model, x[:0], y[:0], clip_norm=0.1, noise_multiplier=2.0, expected_batch=6,
-                      generator=noise_generator(1))  # an empty Poisson batch still releases noise
+                      generator=noise_generator(1), loss=loss)  # an empty Poisson batch still releases noise
     noise = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     assert float(noise.std()) == pytest.approx(2.0 * 0.1 / 6, rel=0.35)  # 51 values
 
@@ -230,3 +294,118 @@ def test_dpsgd_run_accounts_each_clients_steps(tmp_path: Path) -> None:
                 .epsilon_after(2 * round(p["num_train"] / 16)) for p in partition)
     assert rows[-1]["epsilon"] == pytest.approx(worst, rel=1e-9)
     assert rows[-1]["test_accuracy"] > 0.3  # noisy, but it learns
+
+
+# ----- the accountant reads the sampler that sampled, and the mechanism that ran ---------------------------------
+
+
+def _fed_clients(k: int, n: int, batch_size: int = 8) -> list[FedClient]:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(11)
+    return [FedClient(nn.Sequential(nn.Flatten(), nn.Linear(16, 3)),
+                      TensorDataset(torch.randn(n, 1, 4, 4, generator=g), torch.randint(0, 3, (n,), generator=g)),
+                      client_id=f"c{i}", batch_size=batch_size) for i in range(k)]
+
+
+def test_fed_server_refuses_a_fraction_that_disagrees_with_the_dp_sampler() -> None:
+    def dp() -> CentralDP:
+        return DPFedAvg(LOCAL, clip_norm=1.0, noise_multiplier=1.1, sampling_rate=0.1, num_clients=10, delta=1e-5,
+                        noise_seed=0)
+
+    with pytest.raises(ConfigError, match="fraction"):
+        FedServer(_fed_clients(10, 8), strategy=dp(), fraction=1.0)
+
+    strategy = dp()
+    server = FedServer(_fed_clients(10, 8), strategy=strategy, seed=4)
+    rows = [server.train(num_epochs=1, lr=0.1) for _ in range(5)]
+    # the loop samples with the strategy's own sampler, and the accountant reads that sampler's rate
+    assert server.loop.strategy.sampler is strategy.sampler and strategy.inner.sampler is strategy.sampler
+    assert strategy.accountant.sampling_rate == strategy.sampler.rate == 0.1
+    assert strategy.accountant.sampling == strategy.sampler.kind == "poisson"
+    ids = [f"c{i}" for i in range(10)]
+    assert [r["clients_sampled"] for r in rows] == [len(PoissonSampler(0.1).sample(ids, k, 4)) for k in range(1, 6)]
+    fresh = PrivacyAccountant(noise_multiplier=1.1, sampling_rate=strategy.sampler.rate, delta=1e-5)
+    assert [r["epsilon"] for r in rows] == [fresh.epsilon_after(k) for k in range(1, 6)]
+    assert rows[-1]["epsilon"] == PrivacyAccountant(noise_multiplier=1.1, sampling_rate=0.1,
+                                                    delta=1e-5).epsilon_after(5)
+
+
+def test_dpsgd_epsilon_uses_the_batch_the_client_trained_with() -> None:
+    """A FedClient's own batch size (64 of 256 examples) sets the Poisson rate its DP-SGD ran at, not the
+    strategy's local batch (32): the hook reports its own accountant (bug B5 accounted at 32 / 256)."""
+    strategy = DPSGD(FedAvg(local=LocalConfig(batch_size=32)), clip_norm=1.0, noise_multiplier=1.0, delta=1e-5)
+    server = FedServer(_fed_clients(2, 256, batch_size=64), strategy=strategy)
+    rows = [server.train(num_epochs=1, lr=0.1) for _ in range(3)]
+    steps = 3 * 4  # round(256 / 64) Poisson batches per epoch, one epoch a round, three rounds
+    assert all(int(server.app.state.get(cid)["dpsgd_steps"]) == steps for cid in ("c0", "c1"))
+    ran = PrivacyAccountant(noise_multiplier=1.0, sampling_rate=64 / 256, delta=1e-5)
+    assert rows[-1]["epsilon"] == pytest.approx(ran.epsilon_after(steps), rel=1e-12)
+    assert [r["epsilon"] for r in rows] == pytest.approx([ran.epsilon_after(4 * k) for k in (1, 2, 3)], rel=1e-12)
+    wrong = PrivacyAccountant(noise_multiplier=1.0, sampling_rate=32 / 256, delta=1e-5)
+    assert all(rows[-1]["epsilon"] != pytest.approx(wrong.epsilon_after(s), rel=1e-3) for s in (12, 24))
+
+
+@pytest.mark.parametrize(("algorithm", "values"), [("fedadam", {"server_lr": 0.05}), ("fedprox", {"mu": 0.1})])
+def test_dp_central_composes_with_other_algorithms(tmp_path: Path, algorithm: str, values: dict) -> None:
+    from fedlearn.run.config import RunConfig
+    from fedlearn.run.experiment import strategy_for
+    from fedlearn.run.runner import run
+
+    config = RunConfig(model="mcmahan-2nn", clients=20, partition="iid", local_epochs=1, rounds=2, dp="central",
+                       algorithm=algorithm, fraction=0.5, noise_multiplier=1.1, clip_norm=0.5, seeded_privacy=True,
+                       output=str(tmp_path / "run")).updated(values)
+    strategy = strategy_for(config)
+    assert isinstance(strategy, CentralDP) and strategy.name == algorithm
+    if algorithm == "fedadam":
+        assert isinstance(strategy.inner, FedAdamStrategy)
+        assert strategy.optimizer.registered_name == "adam" and strategy.optimizer.config.lr == 0.05
+    else:
+        assert isinstance(strategy.inner, FedProx) and strategy.hooks() == {"prox": {"mu": 0.1}}
+    summary = run(config)
+    reference = PrivacyAccountant(noise_multiplier=1.1, sampling_rate=0.5, delta=1 / 20 ** 1.1)
+    rows = _rows(tmp_path / "run")
+    assert [r["epsilon"] for r in rows] == pytest.approx([reference.epsilon_after(1), reference.epsilon_after(2)],
+                                                         rel=1e-12)
+    assert summary["epsilon"] == pytest.approx(reference.epsilon_after(2), rel=1e-12)
+    assert summary["dp"] == "central" and summary["algorithm"] == algorithm
+    # the Python composition directly, on the same reference
+    local = LocalConfig(local_epochs=1, batch_size=8, lr=0.1)
+    direct = CentralDP(build_strategy(algorithm, local, sampler=Sampler(0.5), **values), clip_norm=0.5,
+                       noise_multiplier=1.1,
+                       delta=1 / 20 ** 1.1, noise_seed=0)
+    loop = _loop(direct)
+    history = loop.run(2)
+    assert [r["epsilon"] for r in history] == pytest.approx([reference.epsilon_after(1), reference.epsilon_after(2)],
+                                                            rel=1e-12)
+
+
+def test_a_dp_round_where_every_client_fails_still_releases_noise() -> None:
+    """aggregates_empty_rounds: the weights move by N(0, (z C)^2) / (q K) alone, so no answer count leaks."""
+    refusing = ClientPolicy([Clip(Clip.Config(0.01))])  # the server's clip request (1.0) is weaker: refused
+
+    def dp(seed: int) -> CentralDP:
+        return CentralDP(FedAvg(local=LOCAL), clip_norm=1.0, noise_multiplier=0.8, delta=1e-5, noise_seed=seed)
+
+    strategy = dp(5)
+    assert strategy.aggregates_empty_rounds
+    loop = _loop(strategy, refusing)
+    start = loop.weights.clone()
+    row = loop.run_round()
+    assert row["clients_sampled"] == 4 and row["clients_succeeded"] == 0 and not row["aggregated"]
+    assert sorted(row["failed_clients"]) == ["c0", "c1", "c2", "c3"]
+    noise = gaussian_noise(start.numel(), 0.8 * 1.0, noise_generator(5))
+    expected = (start.double() + (noise / (1.0 * 4)).to(torch.float32).double()).to(torch.float32)
+    assert torch.equal(loop.weights, expected)
+    assert (loop.weights - start).abs().max() > 1e-3
+    assert row["epsilon"] == PrivacyAccountant(noise_multiplier=0.8, sampling_rate=1.0, delta=1e-5).epsilon_after(1)
+    # the seeded noise is reproducible, and a different seed moves the weights differently
+    again, other = _loop(dp(5), refusing), _loop(dp(6), refusing)
+    again.run_round()
+    other.run_round()
+    assert torch.equal(again.weights, loop.weights) and not torch.equal(other.weights, loop.weights)
+    # without DP, a round nobody answered leaves the weights alone
+    plain = _loop(FedAvg(local=LOCAL), refusing)
+    plain_start = plain.weights.clone()
+    plain.strategy.transforms.append(Clip(Clip.Config(1.0)))
+    assert not plain.run_round()["aggregated"]
+    assert torch.equal(plain.weights, plain_start)

@@ -150,3 +150,41 @@ def test_femnist_writers_are_the_clients(shared_dataset, tmp_path: Path) -> None
     partition = json.loads((out / "partition.json").read_text())
     assert [p["client_id"][0] for p in partition] == ["f"] * 5  # LEAF writer ids such as f3313_11
     assert all(p["num_test"] > 0 for p in partition)
+
+
+def test_run_help_shows_the_registry_flags_with_their_defaults(capsys) -> None:
+    from fedlearn.registry import names
+
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "--help"])
+    assert exited.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps help lines
+    assert "--algorithm ALGORITHM" in text and "--server-lr SERVER_LR" in text
+    text = text.split(" options: ", 1)[1]  # the flags' help, after the usage line
+    algorithm_help = text.split("--algorithm ALGORITHM ", 1)[1].split(" --task TASK")[0]
+    assert all(name in algorithm_help for name in names("strategy")), algorithm_help
+    assert "(default fedavg)" in algorithm_help
+    server_lr_help = text.split("--server-lr SERVER_LR ", 1)[1].split(" --server-")[0]
+    assert "(default 1 for sgd" in server_lr_help and "0.01 for adaptive" in server_lr_help, server_lr_help
+    assert "--rounds ROUNDS federated rounds (with --resume: total rounds to reach) (default 20)" in text
+
+
+def test_fedadam_with_a_server_lr_runs_through_the_cli(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert main(["run", "--quiet", "--algorithm", "fedadam", "--server-lr", "0.01", "--rounds", "2", "--output",
+                 str(out)]) == 0
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert (config["algorithm"], config["server_lr"]) == ("fedadam", 0.01)
+    assert json.loads((out / "summary.json").read_text())["algorithm"] == "fedadam"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2] and all(r["aggregated"] for r in rows)
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedadam"])
+def test_negative_server_lr_exits_2_with_one_line_before_writing_anything(algorithm: str, tmp_path: Path,
+                                                                          capsys) -> None:
+    out = tmp_path / "run"
+    assert main(["run", "--quiet", "--algorithm", algorithm, "--server-lr", "-1", "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--server-lr" in err, err
+    assert not out.exists()  # refused while validating, before the run directory is made

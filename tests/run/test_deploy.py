@@ -31,7 +31,8 @@ def write_config(path: Path, **values) -> Path:
 
 
 class Procs:
-    """Starts fedlearn processes with their logs in files, and kills whatever is left at the end."""
+    """Starts fedlearn processes (in ``folder``, where clients keep their state) with their logs in files, and
+    kills whatever is left at the end."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -39,7 +40,7 @@ class Procs:
 
     def start(self, name: str, *args: str) -> subprocess.Popen:
         log = open(self.folder / f"{name}.log", "ab")
-        proc = subprocess.Popen([*FEDLEARN, *args], stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([*FEDLEARN, *args], stdout=log, stderr=subprocess.STDOUT, cwd=self.folder)
         log.close()
         proc.name = name
         self.procs.append(proc)
@@ -86,11 +87,13 @@ def finish(proc: subprocess.Popen, timeout: float = 120) -> int:
     return proc.wait(timeout=timeout)
 
 
-def run_federation(procs: Procs, tmp_path: Path, server_cfg: Path, client_cfg: Path, clients: int) -> list[dict]:
-    """A server and ``clients`` client processes through a whole run; the server's metrics rows."""
+def run_federation(procs: Procs, tmp_path: Path, server_cfg: Path, client_cfg: Path, clients: int,
+                   *server_args: str) -> list[dict]:
+    """A server (given ``server_args`` too) and ``clients`` client processes through a whole run; the server's
+    metrics rows."""
     port = free_port()
     server = procs.start("server", "server", "--config", str(server_cfg), "--address", f"127.0.0.1:{port}",
-                         "--output", str(tmp_path / "grpc"))
+                         "--output", str(tmp_path / "grpc"), *server_args)
     started = [procs.start(f"client{i}", "client", "--server", f"127.0.0.1:{port}", "--config", str(client_cfg),
                            "--partition-index", str(i)) for i in range(clients)]
     assert finish(server) == 0, procs.log("server")
@@ -245,3 +248,70 @@ def test_ckks_over_grpc_server_has_only_the_public_context(tmp_path, procs) -> N
     assert all(r["secure_aggregation"] == "ckks" and r["clients_succeeded"] == 3 for r in grpc_rows)
     for encrypted, plain in zip(grpc_rows, sim_rows):
         assert encrypted["test_accuracy"] == pytest.approx(plain["test_accuracy"], abs=0.005)
+
+
+def summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+def test_central_dp_budget_stop_over_grpc_ends_at_the_simulations_round(tmp_path, procs) -> None:
+    """B1: with --target-mode stop the server must stop before the round that would exceed the budget, exactly
+    where `fedlearn run` stops (the accountant depends only on q, z, delta and rounds), and its clients exit."""
+    cfg = write_config(tmp_path / "run.yaml", clients=4, fraction=0.5, local_epochs=1, round_timeout=60)
+    # a small clip norm keeps the noised model finite, so every sampled client's answer is accepted
+    dp = ["--dp", "central", "--noise-multiplier", "0.8", "--clip-norm", "0.05", "--target-epsilon", "3",
+          "--target-mode", "stop", "--rounds", "40"]
+    grpc_rows = run_federation(procs, tmp_path, cfg, cfg, 4, *dp)
+    assert all(r["clients_succeeded"] == r["clients_sampled"] and r["aggregated"] for r in grpc_rows), grpc_rows
+    assert main(["run", "--quiet", "--config", str(cfg), *dp, "--output", str(tmp_path / "sim")]) == 0
+    sim_rows = rows(tmp_path / "sim")
+    assert [r["round"] for r in sim_rows] == [1, 2, 3, 4]
+    assert [r["round"] for r in grpc_rows] == [r["round"] for r in sim_rows]
+    assert [r["epsilon"] for r in grpc_rows] == [r["epsilon"] for r in sim_rows]
+    assert all(r["epsilon"] <= 3 for r in grpc_rows)
+    grpc_summary, sim_summary = summary(tmp_path / "grpc"), summary(tmp_path / "sim")
+    keys = ("rounds", "epsilon", "delta", "noise_multiplier", "sampling", "sampling_rate", "rounds_accounted")
+    assert {k: grpc_summary[k] for k in keys} == {k: sim_summary[k] for k in keys}
+    assert grpc_summary["rounds"] == 4 and grpc_summary["epsilon"] <= 3
+
+
+def test_client_without_test_data_answers_evaluation_with_zero_examples_as_in_process(tmp_path, procs) -> None:
+    """One client holds no test data: over gRPC it answers every evaluation with 0 examples and no metrics, so
+    the pooled federated figures are those of the simulation, where it answers the same way."""
+    cfg = write_config(tmp_path / "run.yaml", clients=3, rounds=2, local_epochs=1, round_timeout=60, seed=6,
+                       partition="quantity", client_test_fraction=0.03, evaluation="both")
+    grpc_rows = run_federation(procs, tmp_path, cfg, cfg, 3)
+    assert main(["run", "--quiet", "--config", str(cfg), "--output", str(tmp_path / "sim")]) == 0
+    partition = json.loads((tmp_path / "sim" / "partition.json").read_text())
+    tests = sorted(p["num_test"] for p in partition)
+    assert tests[0] == 0 and tests[1] > 0, tests  # one client without test data, the others with some
+    sim_rows = rows(tmp_path / "sim")
+    assert all(r["clients_succeeded"] == 3 and not r["failed_clients"] for r in grpc_rows)
+    assert all(r["fed_accuracy"] is not None and r["fed_loss"] is not None for r in grpc_rows)
+    fed = [{k: v for k, v in r.items() if k.startswith("fed_")} for r in grpc_rows]
+    assert fed == [{k: v for k, v in r.items() if k.startswith("fed_")} for r in sim_rows]
+    assert grpc_rows == sim_rows  # same seed: identical rows, bytes included
+
+
+def test_scaffold_over_grpc_matches_the_simulation_with_each_client_keeping_its_control(tmp_path, procs) -> None:
+    """SCAFFOLD's client control lives with the client process (its own state folder), not on the server; the
+    controls it sends back make the gRPC run the simulation's, row for row."""
+    cfg = write_config(tmp_path / "run.yaml", clients=2, rounds=2, local_epochs=1, round_timeout=60,
+                       algorithm="scaffold")
+    grpc_rows = run_federation(procs, tmp_path, cfg, cfg, 2)
+    assert main(["run", "--quiet", "--config", str(cfg), "--output", str(tmp_path / "sim")]) == 0
+    assert grpc_rows == rows(tmp_path / "sim")
+    assert all(r["clients_succeeded"] == 2 for r in grpc_rows)
+    for i in range(2):  # each client's control in its own folder beside where it ran: only the last round's
+        (folder,) = (tmp_path / "fedlearn-client-state").glob(f"client-{i}-*")
+        assert [p.name.rsplit("-", 1)[1] for p in folder.iterdir()] == ["2.pt"], sorted(folder.iterdir())
+    assert not list((tmp_path / "grpc").glob("client_state*"))  # the server holds no client's control
+
+
+def test_client_refuses_seeded_privacy(tmp_path, capsys) -> None:
+    args = ["client", "--server", f"127.0.0.1:{free_port()}", "--partition-index", "0", "--seeded-privacy",
+            "--give-up-after", "1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) >= 1 and err[-1].startswith("fedlearn: error: seeded_privacy"), err
+    assert "simulations only" in err[-1]

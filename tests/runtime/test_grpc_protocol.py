@@ -1,7 +1,7 @@
 """The gRPC runtime's wire protocol: every bad upload or download gets a clear status, and none spoils the round.
 
 Each test plays the clients by hand over a raw stub (so it controls every byte sent) against a
-real server on 127.0.0.1, while the round loop's side, ``runtime.train``, runs in a thread. After
+real server on 127.0.0.1, while the round loop's side, ``runtime.deliver``, runs in a thread. After
 each refusal a well-behaved client must still be served, and the round must yield exactly its
 result.
 """
@@ -20,13 +20,14 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from torch import nn
 
-from fedlearn.protocol.messages import EvalResult, TrainResult, TrainTask, decode, encode
+from fedlearn.protocol.codec import FORMAT_VERSION, decode, encode
+from fedlearn.protocol.messages import EvalResult, TrainResult, TrainTask
 from fedlearn.protocol.params import ParamSpec
 from fedlearn.runtime.base import ClientFailure
 from fedlearn.runtime.grpc import fedlearn_pb2 as pb
 from fedlearn.runtime.grpc import fedlearn_pb2_grpc as pb_grpc
 from fedlearn.runtime.grpc.auth import CLIENT_ID_HEADER
-from fedlearn.runtime.grpc.server import SERVICE_NAME, GrpcRuntime, start_server
+from fedlearn.runtime.grpc.server import HEADER_SLACK, SERVICE_NAME, GrpcRuntime, start_server
 from fedlearn.runtime.grpc.transfer import CHUNK_BYTES, chunks, digest
 from fedlearn.security import Authenticator, TokenStore
 
@@ -37,7 +38,7 @@ WAIT = 10.0  # the longest any step may block before the test fails instead of h
 
 
 class Round:
-    """``list(runtime.train(tasks))`` in a background thread, as the round loop would run it."""
+    """``list(runtime.deliver(tasks))`` in a background thread, as the round loop would run it."""
 
     def __init__(self, runtime: GrpcRuntime, tasks: list[TrainTask]) -> None:
         self.results: list | None = None
@@ -49,14 +50,14 @@ class Round:
 
     def _run(self, runtime: GrpcRuntime, tasks: list[TrainTask]) -> None:
         try:
-            self.results = list(runtime.train(tasks))
+            self.results = list(runtime.deliver(tasks))
         except BaseException as exc:  # re-raised in the test's thread by wait()
             self.error = exc
         self.elapsed = time.monotonic() - self.started
 
     def wait(self, timeout: float = WAIT) -> list:
         self.thread.join(timeout)
-        assert not self.thread.is_alive(), "runtime.train did not finish"
+        assert not self.thread.is_alive(), "runtime.deliver did not finish"
         if self.error is not None:
             raise self.error
         assert self.results is not None
@@ -149,21 +150,25 @@ def assert_refused(error: grpc.RpcError, code: grpc.StatusCode, *words: str) -> 
         assert word in error.details(), error.details()
 
 
-def task_for(client_id: str, rnd: int = 1, spec: ParamSpec = SMALL_SPEC) -> TrainTask:
+def task_for(client_id: str, rnd: int = 1, spec: ParamSpec = SMALL_SPEC, config: dict | None = None) -> TrainTask:
     g = torch.Generator().manual_seed(rnd)
-    return TrainTask(rnd, client_id, torch.randn(spec.numel, generator=g), {"lr": 0.1, "local_epochs": 1})
+    return TrainTask(rnd, client_id, {"weights": torch.randn(spec.numel, generator=g)},
+                     {"lr": 0.1, "local_epochs": 1} if config is None else config)
 
 
 def answer(client_id: str, rnd: int = 1, numel: int = SMALL_SPEC.numel, scale: float = 0.5) -> TrainResult:
-    payload = torch.arange(numel, dtype=torch.float32).mul_(scale)
-    return TrainResult(rnd, client_id, 8 + len(client_id), payload, {"train_loss": 0.25})
+    update = torch.arange(numel, dtype=torch.float32).mul_(scale)
+    return TrainResult(rnd, client_id, 8 + len(client_id), {"update": update}, {"train_loss": 0.25})
 
 
 def assert_same_result(got, expected: TrainResult) -> None:
     assert isinstance(got, TrainResult), got
-    assert (got.round, got.client_id, got.num_examples, got.metrics) == (
-        expected.round, expected.client_id, expected.num_examples, expected.metrics)
-    assert torch.equal(got.payload, expected.payload)
+    assert (got.round, got.client_id, got.num_examples, got.metrics, got.sealed) == (
+        expected.round, expected.client_id, expected.num_examples, expected.metrics, expected.sealed)
+    assert sorted(got.arrays) == sorted(expected.arrays)
+    for name, value in expected.arrays.items():
+        assert got.arrays[name].dtype == value.dtype, name
+        assert torch.equal(got.arrays[name], value), name
 
 
 def answer_task(peer: Peer, info: pb.TaskInfo, result: TrainResult) -> None:
@@ -197,12 +202,12 @@ def _garbage(kind: str, client_id: str) -> bytes:
     if kind == "random":
         return bytes((i * 131 + 7) % 256 for i in range(3000))
     if kind == "magic-then-junk":
-        return b"FLM1" + (40).to_bytes(4, "little") + b"{" * 40 + b"\x00" * 100
+        return b"FLM" + bytes([FORMAT_VERSION]) + (40).to_bytes(4, "little") + b"{" * 40 + b"\x00" * 100
     if kind == "truncated-message":
         body = encode(answer(client_id))
         return body[: len(body) - 9]
     if kind == "eval-result":  # a well-formed message of the wrong kind
-        return encode(EvalResult(1, client_id, 5, 0.5, 0.5))
+        return encode(EvalResult(1, client_id, 5, {"loss": 0.5, "accuracy": 0.5}))
     if kind == "task-echoed":
         return encode(task_for(client_id))
     raise AssertionError(kind)
@@ -226,7 +231,7 @@ def test_a_refused_body_is_not_held_so_resuming_from_upload_status_succeeds(serv
     """RemoteClient._upload asks UploadStatus and sends from ``received``: that must work after a refusal."""
     served, c1, rnd, info = one_open_round(serve)
     bad = {"garbage": _garbage("random", "c1"),
-           "wrong-shape": encode(TrainResult(1, "c1", 4, torch.ones(SMALL_SPEC.numel + 1), {})),
+           "wrong-shape": encode(TrainResult(1, "c1", 4, {"update": torch.ones(SMALL_SPEC.numel + 1)}, {})),
            "wrong-round": encode(answer("c1", rnd=7))}[refused]
     code = refusal(c1.send, info.task_id, bad).code()
     assert code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED)
@@ -350,7 +355,7 @@ def test_oversized_upload_is_refused_before_the_body_arrives(serve):
 
     def stream() -> Iterator[pb.Chunk]:
         chunk = pb.Chunk(transfer_id=info.task_id, offset=0, data=b"\0" * 1024,
-                         total_size=served.runtime.max_upload_bytes + 1, sha256=digest(b"huge"))
+                         total_size=upload_limit(served.runtime) + 1, sha256=digest(b"huge"))
         sent.append(chunk)
         yield chunk
         release.wait(WAIT)  # the rest of the body would follow: the server must not wait for it
@@ -367,10 +372,51 @@ def test_oversized_upload_is_refused_before_the_body_arrives(serve):
     finish_with_good_answer(c1, info, rnd)
 
 
+def upload_limit(runtime: GrpcRuntime, arrays: int = 1) -> int:
+    """The largest result a task declaring ``arrays`` model-sized uplink arrays may send."""
+    return int(runtime.spec.numel * runtime.bytes_per_value * arrays) + HEADER_SLACK
+
+
+def test_a_task_declaring_two_uplink_arrays_accepts_both_and_a_larger_body(serve):
+    """SCAFFOLD-like: the task declares ``update`` and ``control_delta``; both arrive intact."""
+    served = serve()
+    c1 = served.peer("c1")
+    c1.join()
+    rnd = served.round([task_for("c1", config={"lr": 0.1, "uplink": ["update", "control_delta"]})])
+    info = c1.task()
+    good = answer("c1")
+    good.arrays["control_delta"] = torch.full((SMALL_SPEC.numel,), -0.25)
+    one_array_limit = upload_limit(served.runtime)
+    over_one = pb.Chunk(transfer_id=info.task_id, offset=0, data=b"\0" * 16, total_size=one_array_limit + 1,
+                        sha256=digest(b"big"))
+    assert c1.upload([over_one]).received == 16, "two declared arrays allow a body past one array's limit"
+    answer_task(c1, info, good)
+    assert_same_result(rnd.wait()[0], good)
+
+
+@pytest.mark.parametrize("arrays", [("update", "extra"), ("gradient",), ()])
+def test_result_carrying_other_arrays_than_the_task_declared_is_invalid_argument(serve, arrays):
+    served, c1, rnd, info = one_open_round(serve)
+    bad = TrainResult(1, "c1", 4, {name: torch.ones(SMALL_SPEC.numel) for name in arrays}, {})
+    error = refusal(c1.send, info.task_id, encode(bad))
+    assert_refused(error, grpc.StatusCode.INVALID_ARGUMENT, "declared", "update")
+    finish_with_good_answer(c1, info, rnd)
+
+
+def test_message_of_another_format_version_is_invalid_argument_naming_both_versions(serve):
+    served, c1, rnd, info = one_open_round(serve)
+    body = bytearray(encode(answer("c1")))
+    body[3] = FORMAT_VERSION - 1
+    error = refusal(c1.send, info.task_id, bytes(body))
+    assert_refused(error, grpc.StatusCode.INVALID_ARGUMENT, f"version {FORMAT_VERSION - 1}",
+                   f"version {FORMAT_VERSION}")
+    finish_with_good_answer(c1, info, rnd)
+
+
 @pytest.mark.parametrize("shape", [(14,), (16,), (3, 5), (0,)])
 def test_wrong_shape_update_is_invalid_argument(serve, shape):
     served, c1, rnd, info = one_open_round(serve)
-    bad = TrainResult(1, "c1", 4, torch.ones(shape), {})
+    bad = TrainResult(1, "c1", 4, {"update": torch.ones(shape)}, {})
     error = refusal(c1.send, info.task_id, encode(bad))
     assert_refused(error, grpc.StatusCode.INVALID_ARGUMENT, f"{SMALL_SPEC.numel} values")
     finish_with_good_answer(c1, info, rnd)
@@ -464,7 +510,7 @@ def test_finished_round_releases_its_results(serve):
     served, c1, rnd, info = one_open_round(serve)
     answer_task(c1, info, answer("c1"))
     results = rnd.wait()
-    payload = weakref.ref(results[0].payload)
+    payload = weakref.ref(results[0].arrays["update"])
     del results
     rnd.results = None
     gc.collect()

@@ -15,11 +15,13 @@ import pytest
 import torch
 from torch import nn
 
-from fedlearn.client.config import LocalConfig
+from fedlearn.client.app import ClientApp
 from fedlearn.client.data import ClientData
 from fedlearn.client.trainer import LocalTrainer
 from fedlearn.data.arrays import ArrayDataset
-from fedlearn.protocol.messages import TrainResult, TrainTask, decode, encode
+from fedlearn.protocol.codec import decode, encode
+from fedlearn.protocol.local import LocalConfig
+from fedlearn.protocol.messages import TrainResult, TrainTask
 from fedlearn.protocol.params import ParamSpec, flatten_module
 from fedlearn.runtime.grpc import fedlearn_pb2 as pb
 from fedlearn.runtime.grpc import fedlearn_pb2_grpc as pb_grpc
@@ -71,10 +73,13 @@ class InThread:
 
 def assert_same_result(got, expected: TrainResult) -> None:
     assert isinstance(got, TrainResult), got
-    assert (got.round, got.client_id, got.num_examples, got.metrics) == (
-        expected.round, expected.client_id, expected.num_examples, expected.metrics)
-    assert got.payload.dtype == expected.payload.dtype
-    assert torch.equal(got.payload, expected.payload)
+    assert (got.round, got.client_id, got.num_examples, got.metrics, got.model_version, got.sealed) == (
+        expected.round, expected.client_id, expected.num_examples, expected.metrics, expected.model_version,
+        expected.sealed)
+    assert sorted(got.arrays) == sorted(expected.arrays)
+    for name, value in expected.arrays.items():
+        assert got.arrays[name].dtype == value.dtype, name
+        assert torch.equal(got.arrays[name], value), name
 
 
 # ----- 11. a 200 MB model, each way interrupted once ----------------------------------------------------
@@ -85,13 +90,13 @@ def test_200mb_task_and_result_survive_one_broken_stream_each():
     n = spec.numel
     assert n >= 50_000_000
     weights = torch.arange(n, dtype=torch.float32).mul_(1e-6)
-    task = TrainTask(3, "c1", weights, {"lr": 0.05})
+    task = TrainTask(3, "c1", {"weights": weights}, {"lr": 0.05})
     meta = [(CLIENT_ID_HEADER, "c1")]
     started = time.perf_counter()
     with serving(spec, round_timeout=120.0) as (runtime, target), grpc.insecure_channel(target) as channel:
         stub = pb_grpc.FedLearnStub(channel)
         stub.Join(pb.JoinRequest(client_id="c1"), metadata=meta, timeout=WAIT)
-        rnd = InThread(lambda: list(runtime.train([task])))
+        rnd = InThread(lambda: list(runtime.deliver([task])))
         info = stub.PollTask(pb.PollRequest(wait_seconds=60), metadata=meta, timeout=90)
         assert info.has_task and info.size > n * 4 and info.round == 3
 
@@ -123,8 +128,8 @@ def test_200mb_task_and_result_survive_one_broken_stream_each():
         downloaded_at = time.perf_counter()
 
         # answer with an update of the right size (computed in place: no extra 200 MB copy)
-        payload = downloaded.weights.mul_(-0.5)
-        sent = TrainResult(3, "c1", 1234, payload, {"train_loss": 0.125})
+        update = downloaded.weights.mul_(-0.5)
+        sent = TrainResult(3, "c1", 1234, {"update": update}, {"train_loss": 0.125})
         del downloaded
         body = encode(sent)
         checksum = digest(body)
@@ -167,25 +172,30 @@ def _client_data() -> ClientData:
     return ClientData(ArrayDataset(torch.randn(24, 1, 4, 4, generator=g), torch.randint(0, 4, (24,), generator=g)))
 
 
+def _app(model: nn.Module, client_id: str, data: ClientData) -> ClientApp:
+    """One client's ClientApp on its own copy of the model (the same entry point every runtime calls)."""
+    return ClientApp(LocalTrainer(copy.deepcopy(model), device="cpu"), {client_id: data})
+
+
 def test_remote_client_answers_exactly_as_local_training_and_exits_when_the_run_finishes():
     model = _tiny_model()
     spec = ParamSpec.from_module(model)
     data = _client_data()
     config = LocalConfig(local_epochs=2, batch_size=5, lr=0.1, momentum=0.9, seed=5).to_dict()
-    direct = LocalTrainer(copy.deepcopy(model), device="cpu")
+    direct = _app(model, "c1", data)  # the same ClientApp, called in this process
     with serving(spec) as (runtime, target):
-        client = RemoteClient(target, "c1", LocalTrainer(copy.deepcopy(model), device="cpu"), data,
-                              poll_seconds=5.0, rpc_timeout=WAIT, give_up_after=WAIT)
+        client = RemoteClient(target, "c1", _app(model, "c1", data), poll_seconds=5.0, rpc_timeout=WAIT,
+                              give_up_after=WAIT)
         running = InThread(client.run)
         try:
             weights = flatten_module(model)
             for rnd in (1, 2):  # the client keeps polling between rounds
-                task = TrainTask(rnd, "c1", weights, config)
-                expected = direct.fit(task, data)
-                results = list(runtime.train([task]))
+                task = TrainTask(rnd, "c1", {"weights": weights}, config, model_version=rnd - 1)
+                expected = direct(task)
+                results = list(runtime.deliver([task]))
                 assert len(results) == 1
                 assert_same_result(results[0], expected)
-                weights = weights + results[0].payload
+                weights = weights + results[0].arrays["update"]
             assert runtime.client_ids() == ["c1"]
             runtime.finish()
             assert running.wait() == 2
@@ -200,8 +210,8 @@ def test_remote_client_with_a_wrong_token_stops_instead_of_retrying(tmp_path):
     store = TokenStore(tmp_path / "tokens.txt", missing_ok=True)
     token = store.add("site-a")
     with serving(ParamSpec.from_module(model), auth=Authenticator(tokens=store)) as (runtime, target):
-        refused = RemoteClient(target, "site-a", LocalTrainer(copy.deepcopy(model), device="cpu"), _client_data(),
-                               token=token[::-1], rpc_timeout=WAIT, give_up_after=WAIT)
+        refused = RemoteClient(target, "site-a", _app(model, "site-a", _client_data()), token=token[::-1],
+                               rpc_timeout=WAIT, give_up_after=WAIT)
         started = time.monotonic()
         with pytest.raises(ClientRefused, match="token"):
             refused.run()
@@ -209,13 +219,13 @@ def test_remote_client_with_a_wrong_token_stops_instead_of_retrying(tmp_path):
         assert time.monotonic() - started < 2.0
         assert runtime.client_ids() == []
 
-        accepted = RemoteClient(target, "site-a", LocalTrainer(copy.deepcopy(model), device="cpu"),
-                                _client_data(), token=token, poll_seconds=5.0, rpc_timeout=WAIT, give_up_after=WAIT)
+        accepted = RemoteClient(target, "site-a", _app(model, "site-a", _client_data()), token=token,
+                                poll_seconds=5.0, rpc_timeout=WAIT, give_up_after=WAIT)
         running = InThread(accepted.run)
         try:
-            task = TrainTask(1, "site-a", flatten_module(model), {"lr": 0.1, "batch_size": 8, "seed": 1})
-            results = list(runtime.train([task]))
-            assert_same_result(results[0], LocalTrainer(copy.deepcopy(model), device="cpu").fit(task, _client_data()))
+            task = TrainTask(1, "site-a", {"weights": flatten_module(model)}, {"lr": 0.1, "batch_size": 8, "seed": 1})
+            results = list(runtime.deliver([task]))
+            assert_same_result(results[0], _app(model, "site-a", _client_data())(task))
             runtime.finish()
             assert running.wait() == 1
         finally:

@@ -7,10 +7,11 @@ import gc
 import torch
 from torch import nn
 
-from fedlearn.client.config import LocalConfig
+from fedlearn.client.app import ClientApp
 from fedlearn.client.data import ClientData
 from fedlearn.client.trainer import LocalTrainer
 from fedlearn.data.arrays import ArrayDataset
+from fedlearn.protocol.local import LocalConfig
 from fedlearn.protocol.messages import EvalResult, EvalTask, TrainResult, TrainTask
 from fedlearn.runtime.base import ClientFailure
 from fedlearn.runtime.inprocess import InProcessRuntime
@@ -50,7 +51,7 @@ def test_all_clients_train_on_one_model_instance(monkeypatch) -> None:
     trainer = LocalTrainer(model, device="cpu")
     shared_test = data(20, 999)
     clients = {f"c{i:02d}": ClientData(data(4 + i % 5, i), shared_test) for i in range(50)}
-    runtime = InProcessRuntime(trainer, clients)
+    runtime = InProcessRuntime(ClientApp(trainer, clients))
     model_id, fc_id, weight_id = id(trainer.model), id(trainer.model.fc), id(trainer.model.fc.weight)
     before = live()
     assert before[0] >= 1 and before[1] >= 1
@@ -58,9 +59,9 @@ def test_all_clients_train_on_one_model_instance(monkeypatch) -> None:
     seen_models: set[int] = set()
     original_fit = trainer.fit
 
-    def spying_fit(task, client):
+    def spying_fit(task, client, hooks=(), state=None):
         seen_models.add(id(trainer.model))
-        return original_fit(task, client)
+        return original_fit(task, client, hooks, state)
 
     trainer.fit = spying_fit
     # deepcopy and pickling rebuild modules through __setstate__ and parameters through __deepcopy__
@@ -78,11 +79,12 @@ def test_all_clients_train_on_one_model_instance(monkeypatch) -> None:
 
     monkeypatch.setattr(nn.Module, "__setstate__", counting_setstate)
     monkeypatch.setattr(nn.Parameter, "__deepcopy__", counting_param_copy)
-    loop = RoundLoop(FedAvg(LocalConfig(batch_size=2, lr=0.05)), runtime, trainer.vector.spec,
+    loop = RoundLoop(FedAvg(local=LocalConfig(batch_size=2, lr=0.05)), runtime, trainer.vector.spec,
                      trainer.vector.read(), seed=1, federated_eval=True)
     history = loop.run(2)
 
     assert all(row["clients_succeeded"] == 50 for row in history)
+    assert len(seen_models) == 1 and history[-1]["fed_accuracy"] is not None  # the spy saw every fit
     assert rebuilt == []
     assert seen_models == {model_id}
     assert trainer.model is model and id(trainer.model) == model_id
@@ -97,17 +99,34 @@ def test_train_yields_one_result_per_task_in_order() -> None:
     torch.manual_seed(0)
     trainer = LocalTrainer(CountedNet(), device="cpu")
     clients = {c: ClientData(data(6, i)) for i, c in enumerate("abc")}
-    runtime = InProcessRuntime(trainer, clients)
+    runtime = InProcessRuntime(ClientApp(trainer, clients))
     assert runtime.client_ids() == ["a", "b", "c"]
     w = trainer.vector.read()
-    tasks = [TrainTask(3, c, w, LocalConfig(seed=i).to_dict()) for i, c in enumerate("ca")]
-    results = list(runtime.train(tasks))
+    tasks = [TrainTask(3, c, {"weights": w}, LocalConfig(seed=i).to_dict()) for i, c in enumerate("ca")]
+    results = list(runtime.deliver(tasks))
     assert [type(r) for r in results] == [TrainResult, TrainResult]
     assert [(r.client_id, r.round, r.num_examples) for r in results] == [("c", 3, 6), ("a", 3, 6)]
+    assert all(list(r.arrays) == ["update"] for r in results)
     # each client trained on its own data from the same start, unaffected by who ran before it
     solo = trainer.fit(tasks[1], clients["a"])
-    assert torch.equal(solo.payload, results[1].payload)
-    assert not torch.equal(results[0].payload, results[1].payload)
+    assert torch.equal(solo.arrays["update"], results[1].arrays["update"])
+    assert solo.num_examples == 6 and solo.metrics == results[1].metrics
+    assert not torch.equal(results[0].arrays["update"], results[1].arrays["update"])
+
+
+def test_deliver_answers_mixed_tasks_in_order_and_refuses_a_client_it_does_not_host() -> None:
+    torch.manual_seed(0)
+    trainer = LocalTrainer(CountedNet(), device="cpu")
+    clients = {c: ClientData(data(6, i), data(5, 10 + i)) for i, c in enumerate("ab")}
+    runtime = InProcessRuntime(ClientApp(trainer, clients))
+    w = trainer.vector.read()
+    tasks = [EvalTask(2, "b", {"weights": w}, {}), TrainTask(2, "stranger", {"weights": w}, LocalConfig().to_dict()),
+             TrainTask(2, "a", {"weights": w}, LocalConfig().to_dict())]
+    answers = list(runtime.deliver(tasks))
+    assert [type(a) for a in answers] == [EvalResult, ClientFailure, TrainResult]
+    assert [a.client_id for a in answers] == ["b", "stranger", "a"]
+    assert "stranger" in answers[1].reason
+    assert answers[0].num_examples == 5 and answers[2].num_examples == 6
 
 
 def test_evaluation_dedupe_shares_results_for_a_shared_test_set() -> None:
@@ -121,7 +140,7 @@ def test_evaluation_dedupe_shares_results_for_a_shared_test_set() -> None:
         "c": ClientData(data(5, 3), other),
         "d": ClientData(data(5, 4), shared),
     }
-    runtime = InProcessRuntime(trainer, clients)
+    runtime = InProcessRuntime(ClientApp(trainer, clients))
     calls: list[str] = []
     original = trainer.evaluate
 
@@ -131,8 +150,8 @@ def test_evaluation_dedupe_shares_results_for_a_shared_test_set() -> None:
 
     trainer.evaluate = counting
     w = trainer.vector.read()
-    tasks = [EvalTask(7, cid, w, {"eval_batch_size": 4}) for cid in clients]
-    results = list(runtime.evaluate(tasks))
+    tasks = [EvalTask(7, cid, {"weights": w}, {"eval_batch_size": 4}) for cid in clients]
+    results = list(runtime.deliver(tasks))
     assert all(isinstance(r, EvalResult) for r in results)
     by_id = {r.client_id: r for r in results}
     assert [r.client_id for r in results] == ["a", "b", "c", "d"]
@@ -144,36 +163,40 @@ def test_evaluation_dedupe_shares_results_for_a_shared_test_set() -> None:
     assert by_id["c"].loss != by_id["a"].loss
     # the shared set was scored once, and the answer is what scoring it directly gives
     assert calls == ["a", "c"]
-    direct = original(EvalTask(7, "b", w, {"eval_batch_size": 4}), clients["b"])
-    assert (direct.loss, direct.accuracy) == (by_id["b"].loss, by_id["b"].accuracy)
+    n, metrics = original(EvalTask(7, "b", {"weights": w}, {"eval_batch_size": 4}), clients["b"])
+    assert (metrics["loss"], metrics["accuracy"], n) == (by_id["b"].loss, by_id["b"].accuracy, by_id["b"].num_examples)
+    assert metrics == by_id["b"].metrics
 
 
 def test_evaluation_with_different_weights_is_not_deduped() -> None:
     torch.manual_seed(0)
     trainer = LocalTrainer(CountedNet(), device="cpu")
     shared = data(30, 100)
-    runtime = InProcessRuntime(trainer, {"a": ClientData(data(5, 1), shared), "b": ClientData(data(5, 2), shared)})
+    runtime = InProcessRuntime(ClientApp(trainer, {"a": ClientData(data(5, 1), shared),
+                                                   "b": ClientData(data(5, 2), shared)}))
     w1 = trainer.vector.read()
     w2 = w1 + 0.5
-    r1, r2 = runtime.evaluate([EvalTask(1, "a", w1, {}), EvalTask(1, "b", w2, {})])
+    r1, r2 = runtime.deliver([EvalTask(1, "a", {"weights": w1}, {}), EvalTask(1, "b", {"weights": w2}, {})])
     assert r1.loss != r2.loss
 
 
-def test_client_without_test_data_fails_evaluation() -> None:
+def test_client_without_test_data_answers_with_zero_examples() -> None:
     torch.manual_seed(0)
     trainer = LocalTrainer(CountedNet(), device="cpu")
     empty = ArrayDataset(torch.zeros(0, 1, 4, 4), torch.zeros(0, dtype=torch.long))
     clients = {"none": ClientData(data(5, 1)), "empty": ClientData(data(5, 2), empty),
                "ok": ClientData(data(5, 3), data(6, 4))}
-    runtime = InProcessRuntime(trainer, clients)
+    runtime = InProcessRuntime(ClientApp(trainer, clients))
     w = trainer.vector.read()
-    results = list(runtime.evaluate([EvalTask(1, c, w, {}) for c in clients]))
-    assert isinstance(results[0], ClientFailure) and results[0].client_id == "none"
-    assert isinstance(results[1], ClientFailure) and results[1].client_id == "empty"
-    assert isinstance(results[2], EvalResult) and results[2].num_examples == 6
-    assert "test data" in results[0].reason
+    results = list(runtime.deliver([EvalTask(1, c, {"weights": w}, {}) for c in clients]))
+    # a client without test data answers (0 examples, no metrics) as it does over gRPC, not a failure
+    assert all(isinstance(r, EvalResult) for r in results)
+    assert [r.client_id for r in results] == ["none", "empty", "ok"]
+    assert [(r.num_examples, r.metrics) for r in results[:2]] == [(0, {}), (0, {})]
+    assert results[0].loss is None and results[0].accuracy is None
+    assert results[2].num_examples == 6 and results[2].accuracy is not None
 
-    # federated evaluation in the loop ignores the failures and weights by the clients that answered
+    # federated evaluation in the loop leaves them out and weights by the clients that have test data
     loop = RoundLoop(FedAvg(), runtime, trainer.vector.spec, w)
     fed = loop.evaluate_federated()
     assert fed["num_examples"] == 6

@@ -5,13 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score, recall_score, roc_auc_score
 from torch import nn
 
-from fedlearn.client.config import LocalConfig
+from fedlearn.client.app import ClientApp
 from fedlearn.client.data import ClientData
 from fedlearn.client.trainer import LocalTrainer
 from fedlearn.data.arrays import ArrayDataset
+from fedlearn.protocol.local import LocalConfig
 from fedlearn.protocol.messages import EvalResult
 from fedlearn.runtime.inprocess import InProcessRuntime
 from fedlearn.server.evaluation import CentralEvaluator
@@ -48,7 +50,7 @@ def build(classes: int, *, central: bool, federated: bool) -> tuple[RoundLoop, A
     pooled = ArrayDataset(torch.cat([t.x for t in tests]), torch.cat([t.y for t in tests]))
     trainer = LocalTrainer(model, device="cpu")
     evaluator = CentralEvaluator(linear(classes), pooled, device="cpu", batch_size=16) if central else None
-    loop = RoundLoop(FedAvg(LocalConfig(batch_size=8, lr=0.1)), InProcessRuntime(trainer, clients),
+    loop = RoundLoop(FedAvg(local=LocalConfig(batch_size=8, lr=0.1)), InProcessRuntime(ClientApp(trainer, clients)),
                      trainer.vector.spec, trainer.vector.read(), evaluator=evaluator, federated_eval=federated)
     return loop, pooled
 
@@ -69,8 +71,10 @@ def test_central_score_is_exact_against_sklearn() -> None:
     assert scores["sensitivity"] == recall_score(labels, predictions)
     assert scores["specificity"] == recall_score(labels, predictions, pos_label=0)
     assert scores["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, predictions), abs=1e-15)
-    assert evaluator(weights) == (scores["loss"], scores["accuracy"])
     assert scores["accuracy"] == float(np.mean(predictions == labels))
+    # loss is the mean cross-entropy (summed over batches of 64, so equal up to float32 rounding)
+    assert scores["loss"] == pytest.approx(F.cross_entropy(logits, test.y).item(), rel=1e-6)
+    assert evaluator.score(weights) == scores  # scoring is deterministic and keeps no state
 
 
 def test_central_score_of_a_ten_class_model_has_no_binary_fields() -> None:
@@ -108,14 +112,20 @@ def test_ten_class_rows_have_no_binary_fields() -> None:
 
 def test_aggregate_evaluate_sums_confusion_counts() -> None:
     results = [
-        EvalResult(1, "a", 10, 0.5, 0.8, {"tp": 6.0, "fp": 1.0, "tn": 2.0, "fn": 1.0, "pos_bin_200": 7.0,
-                                          "neg_bin_100": 3.0}),
-        EvalResult(1, "b", 4, 1.0, 0.5, {"tp": 0.0, "fp": 2.0, "tn": 2.0, "fn": 0.0, "neg_bin_200": 4.0}),
+        EvalResult(1, "a", 10, {"loss": 0.5, "accuracy": 0.8, "tp": 6.0, "fp": 1.0, "tn": 2.0, "fn": 1.0,
+                                "pos_bin_200": 7.0, "neg_bin_100": 3.0}),
+        EvalResult(1, "b", 4, {"loss": 1.0, "accuracy": 0.5, "tp": 0.0, "fp": 2.0, "tn": 2.0, "fn": 0.0,
+                               "neg_bin_200": 4.0}),
+        EvalResult(1, "no-test-data", 0, {}),  # a client without test data is left out of the pooled figures
     ]
     out = FedAvg().aggregate_evaluate(results)
+    assert out["num_examples"] == 14
+    assert out["accuracy"] == pytest.approx((0.8 * 10 + 0.5 * 4) / 14)
     assert out["loss"] == pytest.approx((0.5 * 10 + 1.0 * 4) / 14)
     assert out["sensitivity"] == 6 / 7 and out["specificity"] == 4 / 7
     assert out["balanced_accuracy"] == (6 / 7 + 4 / 7) / 2
     # positives all in bin 200; negatives: 3 below, 4 tied in bin 200 -> (3 + 0.5 * 4) / 7 per positive
     assert out["auc"] == pytest.approx(5 / 7) and out["auc_max_error"] == pytest.approx(2 / 7)
-    assert set(FedAvg().aggregate_evaluate([EvalResult(1, "c", 3, 0.1, 1.0)])) == {"loss", "accuracy", "num_examples"}
+    only = FedAvg().aggregate_evaluate([EvalResult(1, "c", 3, {"loss": 0.1, "accuracy": 1.0})])
+    assert set(only) == {"loss", "accuracy", "num_examples"}
+    assert FedAvg().aggregate_evaluate([EvalResult(1, "c", 0, {})]) == {}

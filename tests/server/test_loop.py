@@ -8,20 +8,22 @@ import pytest
 import torch
 from torch import nn
 
-from fedlearn.client.config import LocalConfig
+from fedlearn.client.app import ClientApp
 from fedlearn.client.data import ClientData
 from fedlearn.client.trainer import LocalTrainer, evaluate_model
 from fedlearn.data.arrays import ArrayDataset
 from fedlearn.errors import CheckpointError, InvalidUpdateError
-from fedlearn.protocol.messages import EvalResult, EvalTask, TrainResult, TrainTask, encode, wire_size
+from fedlearn.protocol.codec import encode, wire_size
+from fedlearn.protocol.local import LocalConfig
+from fedlearn.protocol.messages import Message, TrainResult, TrainTask
 from fedlearn.protocol.params import ModelVector
 from fedlearn.runtime.base import ClientFailure
 from fedlearn.runtime.inprocess import InProcessRuntime
 from fedlearn.server.checkpoint import load_checkpoint
 from fedlearn.server.evaluation import CentralEvaluator
 from fedlearn.server.loop import RoundLoop
-from fedlearn.strategies import FedAvg, FedProx, FedSGD
-from fedlearn.strategies.base import Strategy
+from fedlearn.strategies import FedAvg, FedProx, FedSGD, Scaffold
+from fedlearn.strategies.base import Sampler, Strategy
 
 torch.set_num_threads(1)
 
@@ -60,20 +62,27 @@ def build(
     model_fn: Callable[[], nn.Module] = linear,
     wrap: Callable | None = None,
     drop: Sequence[str] = (),
+    fraction: float = 1.0,
+    min_clients: int = 1,
     **loop_kwargs,
 ) -> RoundLoop:
+    """A loop over in-process clients; ``fraction`` and ``min_clients`` go to the strategy's sampler (and
+    ``min_clients`` also to the loop's aggregation threshold, as the old loop used it for both)."""
     torch.manual_seed(0)
     model = model_fn()
     trainer = LocalTrainer(model, device="cpu")
     data = clients(names, nan)
     for name in drop:
         data.pop(name)
-    runtime = InProcessRuntime(trainer, data)
+    app = ClientApp(trainer, data)
+    runtime = InProcessRuntime(app)
     if wrap is not None:
         runtime = wrap(runtime)
     evaluator = CentralEvaluator(model_fn(), dataset(50, 2000), device="cpu")
-    return RoundLoop(strategy or FedAvg(LOCAL), runtime, trainer.vector.spec, trainer.vector.read(),
-                     evaluator=evaluator, **loop_kwargs)
+    strategy = strategy or FedAvg(local=LOCAL)
+    strategy.sampler = Sampler(fraction, min_clients)
+    return RoundLoop(strategy, runtime, trainer.vector.spec, trainer.vector.read(), evaluator=evaluator,
+                     min_clients=min_clients, client_state=app.state, **loop_kwargs)
 
 
 def rows(history: list[dict]) -> list[dict]:
@@ -134,10 +143,12 @@ class FailingRuntime:
     def client_ids(self) -> list[str]:
         return self.inner.client_ids()
 
-    def train(self, tasks: Sequence[TrainTask]) -> Iterator[TrainResult | ClientFailure]:
-        for answer in self.inner.train(tasks):
+    def deliver(self, tasks: Sequence[Message]) -> Iterator[Message | ClientFailure]:
+        for answer in self.inner.deliver(tasks):
             cid = answer.client_id
-            if cid in self.failing:
+            if not isinstance(answer, TrainResult):  # only training answers are failed or tampered with
+                yield answer
+            elif cid in self.failing:
                 yield ClientFailure(cid, "connection lost")
             elif cid in self.silent:
                 continue
@@ -145,9 +156,6 @@ class FailingRuntime:
                 yield self.tamper[cid](answer)
             else:
                 yield answer
-
-    def evaluate(self, tasks: Sequence[EvalTask]) -> Iterator[EvalResult | ClientFailure]:
-        return self.inner.evaluate(tasks)
 
     def close(self) -> None:
         pass
@@ -175,16 +183,24 @@ def test_client_that_never_answers_is_listed_as_failed() -> None:
 @pytest.mark.parametrize(
     "tamper",
     [
-        lambda r: TrainResult(r.round + 1, r.client_id, r.num_examples, r.payload, r.metrics),
-        lambda r: TrainResult(r.round, r.client_id, 0, r.payload, r.metrics),
-        lambda r: TrainResult(r.round, r.client_id, r.num_examples, r.payload[:-1], r.metrics),
-        lambda r: TrainResult(r.round, r.client_id, r.num_examples, r.payload * float("inf"), r.metrics),
-        lambda r: TrainResult(r.round, "stranger", r.num_examples, r.payload, r.metrics),
-        # what a remote client controls after decode: metrics that are not numbers
-        lambda r: TrainResult(r.round, r.client_id, r.num_examples, r.payload, {"train_loss": "low"}),
-        lambda r: TrainResult(r.round, r.client_id, r.num_examples, r.payload, ["train_loss", 0.1]),
+        lambda r: TrainResult(r.round + 1, r.client_id, r.num_examples, r.arrays, r.metrics),
+        lambda r: TrainResult(r.round, r.client_id, 0, r.arrays, r.metrics),
+        lambda r: TrainResult(r.round, r.client_id, r.num_examples, {"update": r.arrays["update"][:-1]}, r.metrics),
+        lambda r: TrainResult(r.round, r.client_id, r.num_examples, {"update": r.arrays["update"] * float("inf")},
+                              r.metrics),
+        lambda r: TrainResult(r.round, "stranger", r.num_examples, r.arrays, r.metrics),
+        # what a remote client controls after decode: metrics that are not numbers, arrays it names itself
+        lambda r: TrainResult(r.round, r.client_id, r.num_examples, r.arrays, {"train_loss": "low"}),
+        lambda r: TrainResult(r.round, r.client_id, r.num_examples, r.arrays, ["train_loss", 0.1]),
+        lambda r: TrainResult(r.round, r.client_id, r.num_examples, {}, r.metrics),
+        lambda r: TrainResult(r.round, r.client_id, r.num_examples, {"gradient": r.arrays["update"]}, r.metrics),
+        lambda r: TrainResult(r.round, r.client_id, r.num_examples, {**r.arrays, "extra": r.arrays["update"]},
+                              r.metrics),
+        lambda r: TrainResult(r.round, r.client_id, r.num_examples, {"update": r.arrays["update"].double()},
+                              r.metrics),
     ],
-    ids=["wrong-round", "zero-examples", "wrong-size", "inf", "unknown-client", "metrics-string", "metrics-list"],
+    ids=["wrong-round", "zero-examples", "wrong-size", "inf", "unknown-client", "metrics-string", "metrics-list",
+         "no-update", "wrong-array-name", "extra-array", "float64"],
 )
 def test_invalid_results_are_rejected_not_aggregated(tamper) -> None:
     loop = build(("a", "b", "c"), wrap=lambda rt: FailingRuntime(rt, tamper={"b": tamper}))
@@ -213,8 +229,9 @@ def test_same_seed_gives_identical_history_and_weights() -> None:
 
 @pytest.mark.parametrize(
     "make_strategy",
-    [lambda: FedAvg(LOCAL), lambda: FedProx(LOCAL, mu=0.1), lambda: FedSGD(LocalConfig(lr=0.5))],
-    ids=["fedavg", "fedprox", "fedsgd"],
+    [lambda: FedAvg(local=LOCAL), lambda: FedProx(FedProx.Config(mu=0.1), local=LOCAL),
+     lambda: FedSGD(local=LocalConfig(lr=0.5)), lambda: Scaffold(local=LOCAL)],
+    ids=["fedavg", "fedprox", "fedsgd", "scaffold"],
 )
 def test_resume_equals_a_straight_run(tmp_path, make_strategy) -> None:
     kwargs = {"seed": 9, "fraction": 0.5, "min_clients": 2, "federated_eval": True}
@@ -272,15 +289,15 @@ class RecordingRuntime:
     def client_ids(self) -> list[str]:
         return self.inner.client_ids()
 
-    def train(self, tasks):
+    def deliver(self, tasks):
+        if not all(isinstance(t, TrainTask) for t in tasks):
+            yield from self.inner.deliver(tasks)
+            return
         self.tasks.append(list(tasks))
         self.results.append([])
-        for answer in self.inner.train(tasks):
+        for answer in self.inner.deliver(tasks):
             self.results[-1].append(answer)
             yield answer
-
-    def evaluate(self, tasks):
-        return self.inner.evaluate(tasks)
 
     def close(self) -> None:
         pass
@@ -316,8 +333,9 @@ def test_history_row_and_central_evaluation() -> None:
                         "aggregated", "bytes_up", "bytes_down", "test_accuracy", "test_loss", "seconds"}
     ref = linear()
     ModelVector(ref).load(loop.weights)
-    loss, acc, _ = evaluate_model(ref, dataset(50, 2000), torch.device("cpu"))
-    assert row["test_loss"] == loss and row["test_accuracy"] == acc
+    n, metrics = evaluate_model(ref, dataset(50, 2000), torch.device("cpu"), pooled=False)
+    assert n == 50
+    assert row["test_loss"] == metrics["loss"] and row["test_accuracy"] == metrics["accuracy"]
     assert row["seconds"] >= 0
     assert not torch.equal(loop.weights, initial)
 
@@ -327,18 +345,20 @@ def test_loop_does_not_modify_the_callers_weights_and_refuses_wrong_size() -> No
     trainer = LocalTrainer(linear(), device="cpu")
     start = trainer.vector.read()
     copy = start.clone()
-    loop = RoundLoop(FedAvg(LOCAL), InProcessRuntime(trainer, clients(("a",))), trainer.vector.spec, start)
+    loop = RoundLoop(FedAvg(local=LOCAL), InProcessRuntime(ClientApp(trainer, clients(("a",)))),
+                     trainer.vector.spec, start)
     loop.run(1)
     assert torch.equal(start, copy)
+    assert not torch.equal(loop.weights, start)
     with pytest.raises(InvalidUpdateError):
-        RoundLoop(FedAvg(), InProcessRuntime(trainer, {}), trainer.vector.spec, torch.zeros(649))
+        RoundLoop(FedAvg(), InProcessRuntime(ClientApp(trainer, {})), trainer.vector.spec, torch.zeros(649))
 
 
 def test_federated_evaluation_row_is_sample_weighted() -> None:
     loop = build(("a", "b", "c"), federated_eval=True)
     loop.evaluator = None
     row = loop.run_round()
-    results = list(loop.runtime.evaluate(loop.strategy.configure_evaluate(1, loop.weights, ["a", "b", "c"])))
+    results = list(loop.runtime.deliver(loop.strategy.configure_evaluate(1, loop.state, ["a", "b", "c"])))
     n = sum(r.num_examples for r in results)
     assert n == 15 + 40 + 15
     assert row["fed_accuracy"] == pytest.approx(sum(r.accuracy * r.num_examples for r in results) / n, abs=1e-12)

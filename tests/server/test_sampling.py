@@ -1,4 +1,7 @@
-"""Seeded client sampling: reproducible per (seed, round), m = max(ceil(C*K), min_clients)."""
+"""Seeded client sampling: reproducible per (seed, round), m = max(ceil(C*K), min_clients).
+
+The samplers are the strategy's (``fedlearn.strategies.base.Sampler`` / ``PoissonSampler``).
+"""
 
 from __future__ import annotations
 
@@ -7,14 +10,25 @@ import math
 import pytest
 
 from fedlearn.errors import ConfigError
-from fedlearn.server.sampling import clients_per_round, sample_clients
+from fedlearn.strategies import FedAvg
+from fedlearn.strategies.base import PoissonSampler, Sampler
 
 IDS = [f"client-{i:03d}" for i in range(100)]
 
 
+def sample_clients(ids: list[str], fraction: float, min_clients: int, seed: int, round: int) -> list[str]:
+    return Sampler(fraction, min_clients).sample(ids, round, seed)
+
+
+def clients_per_round(k: int, fraction: float, min_clients: int) -> int:
+    return len(Sampler(fraction, min_clients).sample([str(i) for i in range(k)], 1, 0))
+
+
 def test_same_seed_and_round_give_the_same_clients() -> None:
+    sampler = Sampler(0.1, 1)
     for rnd in (1, 2, 17):
-        assert sample_clients(IDS, 0.1, 1, seed=42, round=rnd) == sample_clients(IDS, 0.1, 1, seed=42, round=rnd)
+        assert sampler.sample(IDS, rnd, 42) == sampler.sample(IDS, rnd, 42)
+        assert sampler.sample(IDS, rnd, 42) == sample_clients(IDS, 0.1, 1, seed=42, round=rnd)  # no hidden state
 
 
 def test_different_rounds_and_seeds_differ() -> None:
@@ -34,8 +48,9 @@ def test_sample_is_a_subset_without_repeats_in_registration_order() -> None:
 
 def test_every_client_is_eventually_sampled_roughly_uniformly() -> None:
     counts = dict.fromkeys(IDS, 0)
+    sampler = Sampler(0.1, 1)
     for rnd in range(1, 401):
-        for c in sample_clients(IDS, 0.1, 1, seed=7, round=rnd):
+        for c in sampler.sample(IDS, rnd, 7):
             counts[c] += 1
     # each client expects 40 picks; binomial sd ~6
     assert min(counts.values()) >= 15 and max(counts.values()) <= 65
@@ -52,6 +67,9 @@ def test_count_is_max_of_ceil_fraction_and_min_clients(k: int, fraction: float, 
     assert clients_per_round(k, fraction, min_clients) == expected
     ids = [str(i) for i in range(k)]
     assert len(sample_clients(ids, fraction, min_clients, seed=3, round=1)) == expected
+    sampler = Sampler(fraction, min_clients)
+    sampler.sample(ids, 1, 3)
+    assert sampler.population == k and sampler.rate == fraction and sampler.kind == "uniform"
 
 
 def test_count_exact_values() -> None:
@@ -65,11 +83,33 @@ def test_count_exact_values() -> None:
 
 def test_full_participation_returns_everyone_in_order() -> None:
     assert sample_clients(IDS, 1.0, 1, seed=9, round=4) == IDS
+    assert Sampler().sample(IDS, 4, 9) == IDS  # the default samples everyone
+    assert FedAvg().sampler.sample(IDS, 4, 9) == IDS  # and is what a strategy gets
 
 
 @pytest.mark.parametrize("fraction", [0.0, -0.1, 1.0000001, 1.5, 2, float("nan")])
 def test_fraction_out_of_range_raises_config_error(fraction: float) -> None:
     with pytest.raises(ConfigError, match="fraction"):
-        clients_per_round(10, fraction, 1)
-    with pytest.raises(ConfigError):
-        sample_clients(IDS, fraction, 1, seed=0, round=1)
+        Sampler(fraction, 1)
+    with pytest.raises(ConfigError, match="fraction"):
+        PoissonSampler(fraction)
+
+
+# -- Poisson sampling (what DP amplification by sampling assumes) ------------------------------
+
+
+def test_poisson_sample_is_seeded_ordered_and_sized_like_its_rate() -> None:
+    ids = [f"z{i}" for i in range(1000, 0, -1)]
+    sampler = PoissonSampler(0.1)
+    assert sampler.kind == "poisson" and sampler.rate == 0.1
+    assert sampler.sample(ids, 3, 5) == PoissonSampler(0.1).sample(ids, 3, 5)
+    assert sampler.sample(ids, 3, 5) != sampler.sample(ids, 4, 5)
+    assert sampler.sample(ids, 3, 5) != sampler.sample(ids, 3, 6)
+    sizes = [len(sampler.sample(ids, r, 5)) for r in range(1, 201)]
+    assert len(set(sizes)) > 1  # the cohort size itself is random
+    assert 90 <= sum(sizes) / len(sizes) <= 110  # mean 100, sd of the mean ~0.7
+    for rnd in range(1, 6):
+        picked = sampler.sample(ids, rnd, 5)
+        assert len(picked) == len(set(picked)) and picked == [c for c in ids if c in set(picked)]
+    assert sampler.population == 1000 and sampler.expected() == pytest.approx(100.0)
+    assert PoissonSampler(1.0).sample(ids, 1, 0) == ids

@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedlearn.client.config import LocalConfig
+from fedlearn.client.app import ClientApp
 from fedlearn.client.data import ClientData
 from fedlearn.client.trainer import LocalTrainer
 from fedlearn.data.arrays import ArrayDataset
+from fedlearn.protocol.local import LocalConfig
 from fedlearn.protocol.params import ModelVector
 from fedlearn.runtime.inprocess import InProcessRuntime
 from fedlearn.seeding import derive_seed
@@ -68,8 +69,8 @@ def test_fedavg_with_one_client_equals_plain_local_training(make_model, n: int) 
 
     local = LocalConfig(local_epochs=2, batch_size=8, lr=0.1, momentum=0.9, weight_decay=1e-4)
     trainer = LocalTrainer(fed_model, device="cpu")
-    runtime = InProcessRuntime(trainer, {"solo": ClientData(data)})
-    loop = RoundLoop(FedAvg(local), runtime, trainer.vector.spec, start, seed=RUN_SEED)
+    runtime = InProcessRuntime(ClientApp(trainer, {"solo": ClientData(data)}))
+    loop = RoundLoop(FedAvg(local=local), runtime, trainer.vector.spec, start, seed=RUN_SEED)
     row = loop.run_round()
 
     seed = derive_seed(RUN_SEED, 1, "solo")
@@ -93,8 +94,8 @@ def test_one_client_with_a_different_seed_takes_different_batches() -> None:
     outs = []
     for run_seed in (RUN_SEED, RUN_SEED + 1):
         trainer = LocalTrainer(model, device="cpu")
-        loop = RoundLoop(FedAvg(local), InProcessRuntime(trainer, {"solo": ClientData(data)}), trainer.vector.spec,
-                         start, seed=run_seed)
+        loop = RoundLoop(FedAvg(local=local), InProcessRuntime(ClientApp(trainer, {"solo": ClientData(data)})),
+                         trainer.vector.spec, start, seed=run_seed)
         loop.run_round()
         outs.append(loop.weights)
     assert (outs[0] - outs[1]).abs().max() > 1e-5
@@ -107,7 +108,8 @@ def test_fedavg_two_clients_is_weighted_mean_of_local_models() -> None:
     start = ModelVector(model).read()
     local = LocalConfig(local_epochs=1, batch_size=5, lr=0.2)
     trainer = LocalTrainer(model, device="cpu")
-    loop = RoundLoop(FedAvg(local), InProcessRuntime(trainer, {k: ClientData(v) for k, v in datas.items()}),
+    loop = RoundLoop(FedAvg(local=local),
+                     InProcessRuntime(ClientApp(trainer, {k: ClientData(v) for k, v in datas.items()})),
                      trainer.vector.spec, start, seed=RUN_SEED)
     loop.run_round()
     locals_ = {}

@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedlearn.client.config import LocalConfig
+from fedlearn.client.app import ClientApp
 from fedlearn.client.data import ClientData
 from fedlearn.client.trainer import LocalTrainer
 from fedlearn.data.arrays import ArrayDataset
+from fedlearn.protocol.local import LocalConfig
 from fedlearn.protocol.params import ModelVector
 from fedlearn.runtime.inprocess import InProcessRuntime
 from fedlearn.server.loop import RoundLoop
@@ -55,8 +56,8 @@ def test_fedsgd_equals_one_centralized_gd_step(eval_batch_size: int) -> None:
     start = ModelVector(net).read()
     lr = 0.5
     trainer = LocalTrainer(net, device="cpu")
-    runtime = InProcessRuntime(trainer, {k: ClientData(v) for k, v in datas.items()})
-    strategy = FedSGD(LocalConfig(lr=lr, eval_batch_size=eval_batch_size, local_epochs=3, batch_size=2))
+    runtime = InProcessRuntime(ClientApp(trainer, {k: ClientData(v) for k, v in datas.items()}))
+    strategy = FedSGD(local=LocalConfig(lr=lr, eval_batch_size=eval_batch_size, local_epochs=3, batch_size=2))
     loop = RoundLoop(strategy, runtime, trainer.vector.spec, start, seed=3)
     row = loop.run_round()
     expected = centralized_step(start, datas, lr)
@@ -79,8 +80,8 @@ def test_fedsgd_two_rounds_are_two_gd_steps() -> None:
     net = model()
     start = ModelVector(net).read()
     trainer = LocalTrainer(net, device="cpu")
-    runtime = InProcessRuntime(trainer, {k: ClientData(v) for k, v in datas.items()})
-    loop = RoundLoop(FedSGD(LocalConfig(lr=0.3)), runtime, trainer.vector.spec, start, seed=3)
+    runtime = InProcessRuntime(ClientApp(trainer, {k: ClientData(v) for k, v in datas.items()}))
+    loop = RoundLoop(FedSGD(local=LocalConfig(lr=0.3)), runtime, trainer.vector.spec, start, seed=3)
     loop.run(2)
     expected = centralized_step(centralized_step(start, datas, 0.3), datas, 0.3)
     torch.testing.assert_close(loop.weights, expected, rtol=0, atol=1e-6)

@@ -14,15 +14,16 @@ from torch import nn
 
 from fedlearn.attacks.gradient_inversion import invert_gradient, recover_label
 from fedlearn.attacks.metrics import psnr, to_pixels
-from fedlearn.client.config import LocalConfig
+from fedlearn.client.app import ClientApp
 from fedlearn.client.data import ClientData
 from fedlearn.client.trainer import LocalTrainer
 from fedlearn.data.arrays import ArrayDataset
 from fedlearn.errors import ConfigError
-from fedlearn.privacy.dp import gaussian_noise, noise_generator
+from fedlearn.protocol.local import LocalConfig
 from fedlearn.protocol.messages import TrainTask
 from fedlearn.protocol.params import ModelVector
 from fedlearn.seeding import derive_seed
+from fedlearn.transforms import Clip, GaussianNoise
 
 
 def normalize(images: torch.Tensor, mean: float | Sequence[float] | None, std: float | Sequence[float] | None
@@ -70,15 +71,15 @@ def client_payload(model: nn.Module, image: torch.Tensor, label: int, *, clip_no
     """
     if noise_multiplier > 0 and clip_norm <= 0:
         raise ConfigError("DP noise needs a clip norm: set clip_norm > 0 together with noise_multiplier")
-    trainer = LocalTrainer(model, device="cpu")
-    config = LocalConfig(mode="gradient", clip_norm=clip_norm).to_dict()
-    task = TrainTask(round=0, client_id="victim", weights=ModelVector(model).read(), config=config)
     data = ClientData(ArrayDataset(image.unsqueeze(0).float(), torch.tensor([int(label)])))
-    payload = trainer.fit(task, data).payload
-    if noise_multiplier > 0:
-        noise = gaussian_noise(payload.numel(), noise_multiplier * clip_norm, noise_generator(noise_seed))
-        payload = (payload.to(torch.float64) + noise).float()
-    return payload
+    app = ClientApp(LocalTrainer(model, device="cpu"), {"victim": data}, seeded_privacy=noise_seed)
+    config = {**LocalConfig(mode="gradient").to_dict(), "uplink": ["gradient"]}
+    if clip_norm > 0:
+        config["transforms"] = [Clip(Clip.Config(clip_norm)).request()]
+        if noise_multiplier > 0:
+            config["transforms"].append(GaussianNoise(GaussianNoise.Config(noise_multiplier * clip_norm)).request())
+    task = TrainTask(round=0, client_id="victim", arrays={"weights": ModelVector(model).read()}, config=config)
+    return app.train(task).arrays["gradient"]
 
 
 @dataclass

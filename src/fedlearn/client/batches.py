@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -19,8 +19,12 @@ def iter_batches(
     shuffle: bool,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
+    targets: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[Batch]:
     """Yield (inputs, labels) batches on ``device``; the order is fixed by ``generator``.
+
+    ``targets`` (e.g. ``Task.targets``) turns each label batch into what the loss needs before it moves to
+    ``device``; without it labels become int64 class indices (N,), as classification needs.
 
     Tensor-backed datasets are shuffled with one ``randperm`` and indexed, which is what a
     hand-written PyTorch loop does; other datasets (e.g. torchvision with transforms) go
@@ -28,7 +32,7 @@ def iter_batches(
     """
     tensors = as_tensors(dataset)
     if tensors is not None:
-        x, y = tensors[0], tensors[1].long()  # no copy when labels are already int64
+        x, y = tensors[0], (tensors[1].long() if targets is None else tensors[1])  # no copy when already int64
         n = y.shape[0]
         order = torch.randperm(n, generator=generator) if shuffle else None
         for start in range(0, n, batch_size):
@@ -37,8 +41,12 @@ def iter_batches(
             else:
                 idx = order[start : start + batch_size]
                 xb, yb = x[idx], y[idx]
+            if targets is not None:
+                yb = targets(yb)
             yield xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
         return
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
     for xb, yb in loader:
-        yield xb.to(device, non_blocking=True), torch.as_tensor(yb).reshape(-1).long().to(device, non_blocking=True)
+        yb = torch.as_tensor(yb)
+        yb = yb.reshape(-1).long() if targets is None else targets(yb)
+        yield xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)

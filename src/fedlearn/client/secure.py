@@ -1,8 +1,9 @@
 """The client side of secure aggregation for every client a process hosts (one, or a whole simulation).
 
-It answers SecureTasks and turns a TrainResult's clipped update into the masked (or encrypted)
-payload the server is allowed to see: the last transforms of the client pipeline
-``delta -> clip -> local noise -> mask or encrypt -> payload``.
+It answers SecureTasks and turns a TrainResult's transformed arrays into the one masked (or
+encrypted) vector the server is allowed to see: the last step of the client pipeline
+``update -> clip -> local noise -> mask or encrypt``. The arrays named in the request are joined in
+that order, so every uplink array (SCAFFOLD's control delta too) travels inside the hidden sum.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import torch
 from fedlearn.errors import InvalidUpdateError
 from fedlearn.privacy.secagg.client import SecAggClient, SecAggProtocolError
 from fedlearn.privacy.secagg.encoding import FixedPoint
+from fedlearn.protocol.codec import join_blob, split_blob
 from fedlearn.protocol.messages import SecureReply, SecureTask, TrainResult, TrainTask
-from fedlearn.seeding import derive_seed
 
 
 class SecureClients:
@@ -68,10 +69,12 @@ class SecureClients:
 
         if self._public_context is None:
             self._public_context = he.load_public_context(self._he_file("public.ctx"))
-        weight, extras = summed_weight_and_bits(task.config["he"], result)
-        vector = np.concatenate([result.payload.double().numpy() * weight, [float(weight)], extras])
+        request = task.config["he"]
+        weight, extras = summed_weight_and_bits(request, result)
+        vector = np.concatenate([joined_arrays(request, result) * weight, [float(weight)], extras])
         blob, sizes = join_blob(he.encrypt_vector(self._public_context, vector))
-        return replace(result, num_examples=0, payload=blob, metrics={}, protocol={"he": True, "chunk_sizes": sizes})
+        return replace(result, num_examples=0, arrays={"ciphertext": blob}, metrics={},
+                       sealed={"he": True, "chunk_sizes": sizes})
 
     def _decrypt_sum(self, task: SecureTask) -> torch.Tensor:
         from fedlearn.privacy import he
@@ -82,7 +85,7 @@ class SecureClients:
         chunks = split_blob(task.blob, task.data["chunk_sizes"])
         return torch.from_numpy(he.decrypt_vector(secret, chunks, int(task.data["length"])))
 
-    def finish_train(self, task: TrainTask, result: TrainResult) -> TrainResult:
+    def seal(self, task: TrainTask, result: TrainResult, rounding: np.random.Generator) -> TrainResult:
         """The payload that leaves the client: masked or encrypted when the task asks for it, else unchanged."""
         if "he" in task.config:
             return self._encrypt(task, result)
@@ -91,14 +94,12 @@ class SecureClients:
             return result
         fixed_point = FixedPoint.from_dict(request["fixed_point"])
         weight, extras = summed_weight_and_bits(request, result)
-        # Stochastic rounding is not secret, only unbiased: seeded per (round, client) for reproducibility.
-        rng = np.random.default_rng(derive_seed(int(task.config.get("seed", 0)), task.round, "secagg-rounding"))
-        encoded = fixed_point.encode(result.payload.double().numpy(), weight, extras, rng)
+        encoded = fixed_point.encode(joined_arrays(request, result), weight, extras, rounding)
         masked, rejected = self._session(task).mask(request, encoded, fixed_point.bits)
         signed = torch.from_numpy(masked.view(np.int32 if masked.dtype == np.uint32 else np.int64))
         # The sample count, loss and clip bit travel only inside the masked sum.
-        return replace(result, num_examples=0, payload=signed, metrics={},
-                       protocol={"secagg": True, "secagg_rejected": rejected})
+        return replace(result, num_examples=0, arrays={"masked": signed}, metrics={},
+                       sealed={"secagg": True, "secagg_rejected": rejected})
 
 
 def summed_weight_and_bits(request: dict, result: TrainResult) -> tuple[int, list[int]]:
@@ -107,15 +108,10 @@ def summed_weight_and_bits(request: dict, result: TrainResult) -> tuple[int, lis
     return weight, [int(result.metrics.get(name, 0.0) >= 0.5) for name in request.get("extras", [])]
 
 
-def join_blob(chunks: list[bytes]) -> tuple[torch.Tensor, list[int]]:
-    """Ciphertext chunks as one byte tensor (a message field) and their sizes, for ``split_blob``."""
-    return torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8), [len(c) for c in chunks]
-
-
-def split_blob(blob: torch.Tensor, sizes: list[int]) -> list[bytes]:
-    """Cut a byte tensor back into the ciphertext chunks it concatenates."""
-    data = blob.numpy().tobytes()
-    if blob.dtype != torch.uint8 or sum(sizes) != len(data) or any(s <= 0 for s in sizes):
-        raise InvalidUpdateError("encrypted payload does not match its chunk sizes; the sender must use fedlearn")
-    offsets = np.cumsum([0, *sizes])
-    return [data[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+def joined_arrays(request: dict, result: TrainResult) -> np.ndarray:
+    """The result's arrays named in the request, joined in that order as one float64 vector."""
+    names = request.get("arrays", ["update"])
+    missing = [n for n in names if n not in result.arrays]
+    if missing:
+        raise InvalidUpdateError(f"secure sum needs array {missing[0]!r}, which local training did not produce")
+    return np.concatenate([result.arrays[n].double().reshape(-1).numpy() for n in names])

@@ -1,21 +1,25 @@
-"""Local training and evaluation on one reused model: the client side of every round."""
+"""Local training and evaluation on one reused model: one SGD loop with hook points, any loss and task."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
 from fedlearn.client.batches import iter_batches
-from fedlearn.client.config import LocalConfig
 from fedlearn.client.data import ClientData
-from fedlearn.client.dpsgd import poisson_batches, private_gradients
+from fedlearn.client.hooks import HookContext, ParamLayout, TrainHook
 from fedlearn.errors import ConfigError, DataError
 from fedlearn.metrics import BinaryScores
-from fedlearn.privacy.dp import clip_by_norm, gaussian_noise, noise_generator
-from fedlearn.protocol.messages import EvalResult, EvalTask, TrainResult, TrainTask
+from fedlearn.protocol.local import LocalConfig
+from fedlearn.protocol.messages import Arrays, EvalTask, TrainTask
 from fedlearn.protocol.params import ModelVector
+from fedlearn.tasks import Task, get_task
+
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -43,64 +47,111 @@ def seed_torch(seed: int, device: torch.device) -> None:
         torch.manual_seed(seed)
 
 
-class LocalTrainer:
-    """Runs any client's local work on one model instance, so memory does not grow with clients."""
+@dataclass
+class LocalOutcome:
+    """What local training produced, before the client's transforms: arrays, count, metrics, new state."""
 
-    def __init__(self, model: nn.Module, device: str | torch.device | None = None) -> None:
+    arrays: Arrays
+    num_examples: int
+    metrics: dict[str, float]
+    state: Arrays
+
+
+class LocalTrainer:
+    """Runs any client's local work on one model instance, so memory does not grow with clients.
+
+    ``task`` says what the model predicts (classification, multilabel, regression) and so the
+    default loss and the metrics; ``loss`` replaces the training loss (any callable of
+    (outputs, targets) giving a mean).
+    """
+
+    def __init__(self, model: nn.Module, device: str | torch.device | None = None, *,
+                 task: str | Task = "classification", loss: Loss | None = None) -> None:
         self.device = resolve_device(device)
         self.model = model.to(self.device)
         self.vector = ModelVector(self.model)
+        self.task = get_task(task) if isinstance(task, str) else task
+        if loss is not None and not callable(loss):
+            raise ConfigError(f"loss must be callable on (outputs, targets), e.g. torch.nn.MSELoss(); got {loss!r}")
+        self.loss: Loss = loss if loss is not None else self.task.loss
+        named = dict(self.model.named_parameters())
         self._params = [p for p in self.model.parameters() if p.requires_grad]
+        self.layout = self._layout(named)
 
-    def fit(self, task: TrainTask, data: ClientData) -> TrainResult:
-        """Answer a TrainTask: an update (``delta`` mode) or a full-batch gradient (``gradient`` mode)."""
+    def _layout(self, named: dict[str, nn.Parameter]) -> ParamLayout:
+        spec = self.vector.spec
+        offsets, start = {}, 0
+        for name, n in zip(spec.names, spec.numels):
+            offsets[name] = (start, start + n)
+            start += n
+        by_id = {id(p): name for name, p in named.items()}
+        names = [by_id[id(p)] for p in self._params]
+        missing = [n for n in names if n not in offsets]
+        if missing:
+            raise ConfigError(f"parameter {missing[0]!r} is not in the model's state_dict; FedLearn federates "
+                              "state_dict entries")
+        return ParamLayout(names, [offsets[n] for n in names], [p.shape for p in self._params], spec.numel)
+
+    def fit(self, task: TrainTask, data: ClientData, hooks: Sequence[TrainHook] = (),
+            state: Mapping[str, torch.Tensor] | None = None) -> LocalOutcome:
+        """Local work for ``task``: ``update`` = new - global (``delta`` mode) or ``gradient`` (FedSGD)."""
         cfg = LocalConfig.from_dict(task.config)
         if len(data.train) == 0:
             raise DataError(f"client {task.client_id} has no training samples; give every client data")
         seed_torch(cfg.seed, self.device)
-        self.vector.load(task.weights.to(self.device))
+        weights = task.weights
+        self.vector.load(weights.to(self.device))
         if cfg.mode == "gradient":
-            update, loss, n = self._full_gradient(data.train, cfg)
-        else:
-            loss, n = self._train(data, cfg)
-            update = self.vector.read().sub_(task.weights)
-        return privatized_result(task, update, n, loss, cfg)
+            gradient, loss, n = self._full_gradient(data.train, cfg)
+            return LocalOutcome({"gradient": gradient}, n, {"train_loss": loss}, {})
+        ctx = HookContext(task, cfg, state or {}, self.layout, self.device,
+                          [p.detach().clone() for p in self._params] if hooks else [])
+        for hook in hooks:
+            hook.begin(ctx)
+        loss = self._train(data, cfg, hooks, ctx)
+        ctx.num_examples = len(data.train)
+        for hook in hooks:
+            hook.end(ctx, self._params)
+        update = self.vector.read().sub_(weights)
+        return LocalOutcome({"update": update, **ctx.uplink}, len(data.train), {"train_loss": loss, **ctx.metrics},
+                            dict(ctx.new_state))
 
-    def _train(self, data: ClientData, cfg: LocalConfig) -> tuple[float, int]:
+    def _train(self, data: ClientData, cfg: LocalConfig, hooks: Sequence[TrainHook], ctx: HookContext) -> float:
         model = self.model
         model.train()
-        optimizer = torch.optim.SGD(
-            self._params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
-        anchor = [p.detach().clone() for p in self._params] if cfg.mu > 0 else None
+        optimizer = torch.optim.SGD(self._params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         generator = torch.Generator().manual_seed(cfg.seed)
         batch_size = data.batch_size or cfg.batch_size
-        loss_sum = torch.zeros((), device=self.device)
-        seen = 0
-        if cfg.dpsgd_clip > 0:
-            batches = poisson_batches(data.train, batch_size, cfg.local_epochs, generator, self.device)
-            noise = noise_generator(cfg.noise_seed)
-        else:
+        targets = self.task.targets
+        batches = None
+        for hook in hooks:
+            batches = hook.batches(ctx, data.train, batch_size) or batches
+        if batches is None:
             batches = (b for _ in range(cfg.local_epochs)
                        for b in iter_batches(data.train, batch_size, shuffle=True, generator=generator,
-                                             device=self.device))
+                                             device=self.device, targets=targets))
+        backward = [h for h in hooks if type(h).backward is not TrainHook.backward]
+        adjusting = [h for h in hooks if type(h).grads is not TrainHook.grads]
+        loss_sum = torch.zeros((), device=self.device)
+        seen = 0
         for x, y in batches:
             optimizer.zero_grad(set_to_none=True)
-            if cfg.dpsgd_clip > 0:
-                loss = torch.tensor(private_gradients(
-                    model, x, y, clip_norm=cfg.dpsgd_clip, noise_multiplier=cfg.dpsgd_noise,
-                    expected_batch=min(batch_size, len(data.train)), generator=noise) / max(len(y), 1))
+            if backward:
+                loss_sum += backward[0].backward(ctx, model, x, y, self.loss)
             else:
-                loss = F.cross_entropy(model(x), y)
+                loss = self.loss(model(x), y)
                 loss.backward()
-            if anchor is not None:
-                # FedProx: gradient of mu/2 * ||w - w_global||^2 added to the data loss's.
-                for p, p0 in zip(self._params, anchor):
-                    p.grad.add_(p.detach() - p0, alpha=cfg.mu)
+                loss_sum += loss.detach() * y.shape[0]
+            if adjusting:
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
+                for hook in adjusting:
+                    grads = hook.grads(ctx, self._params, grads)
+                for p, g in zip(self._params, grads):
+                    p.grad = g
             optimizer.step()
-            loss_sum += loss.detach() * y.shape[0]
+            ctx.steps += 1
             seen += y.shape[0]
-        return float(loss_sum) / max(seen, 1), len(data.train)
+        return float(loss_sum) / max(seen, 1)
 
     def _full_gradient(self, dataset: Dataset, cfg: LocalConfig) -> tuple[torch.Tensor, float, int]:
         """Gradient of the mean loss over all local samples at the current weights (chunked)."""
@@ -109,62 +160,45 @@ class LocalTrainer:
         model.zero_grad(set_to_none=True)
         n = len(dataset)
         loss_sum = torch.zeros((), device=self.device)
-        for x, y in iter_batches(dataset, cfg.eval_batch_size, shuffle=False, device=self.device):
-            loss = F.cross_entropy(model(x), y, reduction="sum")
+        for x, y in iter_batches(dataset, cfg.eval_batch_size, shuffle=False, device=self.device,
+                                 targets=self.task.targets):
+            loss = self.loss(model(x), y) * y.shape[0]
             (loss / n).backward()
             loss_sum += loss.detach()
         grads = self.vector.read_grad()
         model.zero_grad(set_to_none=True)
         return grads, float(loss_sum) / n, n
 
-    def evaluate(self, task: EvalTask, data: ClientData) -> EvalResult:
-        """Loss and accuracy of the task's weights on the client's test data.
-
-        For a two-output model the metrics also carry confusion counts and a margin histogram,
-        which the server sums exactly across clients (``fedlearn.metrics.pool_federated``).
-        """
-        cfg = LocalConfig.from_dict(task.config)
-        dataset = data.test if data.test is not None else data.train
+    def evaluate(self, task: EvalTask, data: ClientData) -> tuple[int, dict[str, float]]:
+        """(examples, metrics) of the task's weights on the client's test data; (0, {}) without any."""
+        if data.test is None or len(data.test) == 0:
+            return 0, {}
         self.vector.load(task.weights.to(self.device))
-        scores = BinaryScores()
-        loss, accuracy, n = evaluate_model(self.model, dataset, self.device, cfg.eval_batch_size, scores=scores)
-        return EvalResult(task.round, task.client_id, n, loss, accuracy, scores.federated_payload())
-
-
-def privatized_result(task: TrainTask, update: torch.Tensor, n: int, loss: float, cfg: LocalConfig) -> TrainResult:
-    """The client-side transforms every trainer applies: delta -> clip -> local noise -> payload."""
-    metrics = {"train_loss": loss}
-    payload = update
-    if cfg.clip_norm > 0:
-        payload, norm = clip_by_norm(update, cfg.clip_norm)
-        metrics["below_clip"] = float(norm <= cfg.clip_norm)  # for adaptive clipping's quantile estimate
-    if cfg.local_noise_std > 0:
-        generator = noise_generator(cfg.noise_seed)
-        payload = (payload.double() + gaussian_noise(payload.numel(), cfg.local_noise_std, generator)).float()
-        metrics.pop("below_clip", None)  # an untrusted server learns nothing beyond the noised update
-    return TrainResult(task.round, task.client_id, n, payload, metrics)
+        batch_size = LocalConfig.from_dict(task.config).eval_batch_size
+        return evaluate_model(self.model, data.test, self.device, batch_size, task=self.task)
 
 
 @torch.no_grad()
-def evaluate_model(
-    model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 512,
-    *, scores: BinaryScores | None = None,
-) -> tuple[float, float, int]:
-    """Mean cross-entropy, accuracy and sample count of ``model`` on ``dataset``.
-
-    ``scores``, when given, also sees every batch's logits and labels (for binary-task metrics).
-    """
+def evaluate_model(model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 512, *,
+                   task: Task | str = "classification", pooled: bool = True) -> tuple[int, dict[str, float]]:
+    """(examples, metrics) of ``model`` on ``dataset`` for ``task``. A two-output classifier also gets the
+    exact binary-task metrics, or with ``pooled`` (a client's answer) the confusion counts and margin
+    histogram that federated evaluation sums exactly."""
+    task = get_task(task) if isinstance(task, str) else task
     model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.long, device=device)
+    scores = task.scores()
+    binary = BinaryScores() if task.name == "classification" else None
     n = 0
-    for x, y in iter_batches(dataset, batch_size, shuffle=False, device=device):
-        logits = model(x)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
-        correct += (logits.argmax(dim=1) == y).sum()
+    for x, y in iter_batches(dataset, batch_size, shuffle=False, device=device, targets=task.targets):
+        outputs = model(x)
+        scores.update(outputs, y)
+        if binary is not None:
+            binary.update(outputs, y)
         n += y.shape[0]
-        if scores is not None:
-            scores.update(logits, y)
     if n == 0:
-        return 0.0, 0.0, 0
-    return float(loss_sum) / n, int(correct) / n, n
+        return 0, {}
+    metrics = {k: v for k, v in scores.metrics().items() if v is not None}
+    if binary is not None:
+        metrics.update(binary.federated_payload() if pooled else
+                       {k: v for k, v in binary.metrics().items() if v is not None})
+    return n, metrics

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -15,6 +17,9 @@ class FedClient:
 
     Any ``torch.utils.data.Dataset`` works, torchvision datasets included. The server trains all
     clients on one model instance (the first client's), so extra clients cost no model memory.
+    ``loss`` is any callable of (outputs, targets) giving a mean (e.g. ``torch.nn.MSELoss()``);
+    ``task`` (classification, multilabel, regression) sets the targets' type, the default loss and
+    the metrics.
     """
 
     def __init__(
@@ -25,11 +30,21 @@ class FedClient:
         client_id: str | None = None,
         batch_size: int = 64,
         device: str | torch.device | None = None,
+        loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        task: str = "classification",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"FedClient model must be a torch.nn.Module, got {type(model).__name__}")
         if batch_size < 1:
             raise ConfigError(f"FedClient batch_size must be a positive integer, got {batch_size}")
+        from fedlearn.tasks import get_task
+
+        if loss is not None and not callable(loss):
+            raise ConfigError(f"FedClient loss must be callable on (outputs, targets), e.g. torch.nn.MSELoss(); "
+                              f"got {loss!r}")
+        get_task(task)
+        self.loss = loss
+        self.task = task
         self.model = model
         self.train_dataset = train_dataset
         self.test_dataset = test_dataset

@@ -4,34 +4,41 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from fedlearn.client.app import ClientApp
 from fedlearn.client.trainer import LocalTrainer
 from fedlearn.core.client import FedClient
 from fedlearn.errors import ConfigError
+from fedlearn.protocol.local import LocalConfig
 from fedlearn.protocol.params import ParamSpec, same_architecture
+from fedlearn.registry import lookup
 from fedlearn.runtime.inprocess import InProcessRuntime
 from fedlearn.server.evaluation import CentralEvaluator
 from fedlearn.server.loop import RoundLoop
-from fedlearn.strategies import Strategy, build_strategy
+from fedlearn.strategies import Strategy
+from fedlearn.strategies.base import Sampler
 
 
 class FedServer:
     """Coordinates FedClients in this process with FedAvg (or another strategy).
 
     The global model starts from the first client's weights. ``train`` runs one round,
-    ``evaluate`` returns the global model's accuracy over the clients' test sets.
+    ``evaluate`` returns the global model's accuracy over the clients' test sets. A strategy given
+    by name samples ``fraction`` of the clients per round; a strategy instance brings its own sampler
+    (the one its privacy accountant reads), and a ``fraction`` that disagrees with it is refused.
     """
 
     def __init__(
         self,
         clients: Sequence[FedClient],
         strategy: str | Strategy = "fedavg",
-        fraction: float = 1.0,
+        fraction: float | None = None,
         seed: int = 0,
         min_clients: int = 1,
         test_dataset: Dataset | None = None,
@@ -49,20 +56,30 @@ class FedServer:
         for cid, client in zip(ids, clients):
             same_architecture(spec, ParamSpec.from_module(client.model), f"client {cid}'s model")
         self.clients = dict(zip(ids, clients))
-        self.strategy = build_strategy(strategy) if isinstance(strategy, str) else strategy
-        self._trainer = LocalTrainer(model, clients[0].device)
+        if isinstance(strategy, str):
+            self.strategy = lookup("strategy", strategy)(local=LocalConfig(),
+                                                         sampler=Sampler(1.0 if fraction is None else fraction,
+                                                                         min_clients))
+        else:
+            self.strategy = strategy
+            if fraction is not None and abs(strategy.sampler.rate - fraction) > 1e-12:
+                raise ConfigError(f"the strategy samples clients at rate {strategy.sampler.rate:g}, which its privacy "
+                                  f"accounting reads; fraction={fraction:g} disagrees: leave fraction out")
+        first = clients[0]
+        self._trainer = LocalTrainer(model, first.device, task=first.task, loss=first.loss)
         evaluator = None
         if test_dataset is not None:
-            evaluator = CentralEvaluator(copy.deepcopy(model), test_dataset, self._trainer.device)
+            evaluator = CentralEvaluator(copy.deepcopy(model), test_dataset, self._trainer.device, task=first.task)
+        self.app = ClientApp(self._trainer, {cid: c.data() for cid, c in self.clients.items()})
         self.loop = RoundLoop(
             self.strategy,
-            InProcessRuntime(self._trainer, {cid: c.data() for cid, c in self.clients.items()}),
+            InProcessRuntime(self.app),
             spec,
             self._trainer.vector.read(),
-            fraction=fraction,
             min_clients=min_clients,
             seed=seed,
             evaluator=evaluator,
+            client_state=self.app.state,
         )
 
     def train(self, num_epochs: int = 1, lr: float = 0.01, **local: Any) -> dict[str, Any]:
@@ -75,6 +92,13 @@ class FedServer:
             raise ConfigError(f"train needs num_epochs >= 1 and lr > 0, got num_epochs={num_epochs}, lr={lr}")
         if "batch_size" in local:
             raise ConfigError("batch_size is set per client: FedClient(..., batch_size=N)")
+        if "mu" in local:  # FedProx's coefficient belongs to the strategy's own config
+            mu = local.pop("mu")
+            if "mu" not in getattr(self.strategy.config, "__dataclass_fields__", {}):
+                raise ConfigError(f"mu is FedProx's setting; strategy {self.strategy.name} has none")
+            config = replace(self.strategy.config, mu=mu)
+            config.validate()  # before it is kept: a refused mu must not reach the next round's clients
+            self.strategy.config = config
         self.strategy.set_local(local_epochs=num_epochs, lr=lr, **local)
         row = self.loop.run_round()
         self._trainer.vector.load(self.loop.weights)
@@ -91,7 +115,7 @@ class FedServer:
             return float(result["accuracy"])
         if self.loop.evaluator is None:
             raise ConfigError("no test data: give FedClients a test_dataset or FedServer a test_dataset")
-        return float(self.loop.evaluator(self.loop.weights)[1])
+        return float(self.loop.evaluator.score(self.loop.weights)["accuracy"])
 
     @property
     def model(self) -> nn.Module:

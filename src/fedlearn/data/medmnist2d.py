@@ -10,7 +10,7 @@ from fedlearn.data.bundle import DatasetBundle, make_bundle, to_nchw
 from fedlearn.data.files import DownloadUnavailable, load_npz, locate, missing_error
 from fedlearn.errors import DataError
 
-# Class counts from medmnist.INFO; chestmnist is multi-label (14 binary labels) and is not supported yet.
+# Class counts from medmnist.INFO for the single-label datasets; label counts for the multi-label one.
 NUM_CLASSES = {
     "pneumoniamnist": 2,
     "breastmnist": 2,
@@ -24,8 +24,8 @@ NUM_CLASSES = {
     "retinamnist": 5,
     "tissuemnist": 8,
 }
-NAMES = tuple(NUM_CLASSES)
-MULTI_LABEL = ("chestmnist",)
+MULTI_LABEL = {"chestmnist": 14}  # 14 binary findings per chest X-ray; all zero means "no finding"
+NAMES = (*NUM_CLASSES, *MULTI_LABEL)
 _KEYS = ("train_images", "train_labels", "test_images", "test_labels")
 
 
@@ -40,15 +40,18 @@ def _medmnist_download(name: str, folder: Path) -> None:
     dataset_class(split="test", root=str(folder), download=True)
 
 
-def _labels(labels: np.ndarray, path: Path) -> np.ndarray:
-    """Flatten (N, 1) labels to (N,); several columns mean a multi-label file, which is refused."""
+def _labels(labels: np.ndarray, path: Path, name: str) -> np.ndarray:
+    """Single-label: (N, 1) flattened to (N,), several columns refused; multi-label: (N, L) kept as it is."""
+    if name in MULTI_LABEL:
+        return labels  # make_bundle checks the shape (N, L) and the 0/1 values
     if labels.ndim == 2 and labels.shape[1] != 1:
-        raise DataError(f"{path} holds multi-label targets ({labels.shape[1]} per image), which are not supported yet")
+        raise DataError(f"{path} holds multi-label targets ({labels.shape[1]} per image) but {name} is single-label; "
+                        "replace it with an original copy")
     return labels.reshape(-1).astype(np.int64)
 
 
 def load_medmnist(name: str, folder: Path, download: bool) -> DatasetBundle:
-    """Load a single-label MedMNIST dataset; mean/std are computed per channel on its train split."""
+    """Load a MedMNIST dataset (chestmnist as a multilabel bundle); mean/std are per channel on its train split."""
     path = folder / f"{name}.npz"
     found, failure = locate(
         name, lambda: path if path.is_file() else None, lambda: _medmnist_download(name, folder), download
@@ -57,6 +60,8 @@ def load_medmnist(name: str, folder: Path, download: bool) -> DatasetBundle:
         raise missing_error(name, folder, [path.name], failure=failure,
                             hint="or pip install medmnist and allow downloading on a machine with internet access")
     arrays = load_npz(found, _KEYS)
-    train = (to_nchw(arrays["train_images"], str(found)), _labels(arrays["train_labels"], found))
-    test = (to_nchw(arrays["test_images"], str(found)), _labels(arrays["test_labels"], found))
+    train = (to_nchw(arrays["train_images"], str(found)), _labels(arrays["train_labels"], found, name))
+    test = (to_nchw(arrays["test_images"], str(found)), _labels(arrays["test_labels"], found, name))
+    if name in MULTI_LABEL:
+        return make_bundle(name, train, test, num_classes=MULTI_LABEL[name], scale=255.0, task="multilabel")
     return make_bundle(name, train, test, num_classes=NUM_CLASSES[name], scale=255.0)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from fedlearn.client.config import LocalConfig
+from fedlearn.client.app import ClientApp
 from fedlearn.client.data import ClientData
 from fedlearn.errors import ConfigError
 from fedlearn.faces.config import FaceConfig
@@ -24,6 +24,7 @@ from fedlearn.faces.model import FaceEmbeddingNet
 from fedlearn.faces.split import IdentitySplit, local_dataset, party_client_data
 from fedlearn.faces.strategy import CodebookFedAvg, PrivateHeadFedAvg
 from fedlearn.faces.trainer import PrivateHeadTrainer
+from fedlearn.protocol.local import LocalConfig
 from fedlearn.protocol.params import ModelVector
 from fedlearn.runtime.base import Runtime
 from fedlearn.runtime.inprocess import InProcessRuntime
@@ -104,11 +105,12 @@ def run_method(method: str, images: FaceImages, split: IdentitySplit, settings: 
     clients = _clients(method, images, split)
     strategy = _strategy(method, settings, len(split.parties))
     trainer = PrivateHeadTrainer(backbone, device="cpu", secret=seed)
-    runtime: Runtime = InProcessRuntime(trainer, clients)
+    runtime: Runtime = InProcessRuntime(ClientApp(trainer, clients))
     if wrap_runtime is not None:
         runtime = wrap_runtime(runtime)
     vector = ModelVector(FaceEmbeddingNet(settings.embedding_dim, settings.width))
     vector.load(ModelVector(backbone).read())
+    strategy.sampler.min_clients = len(clients)
     loop = RoundLoop(strategy, runtime, vector.spec, vector.read(), min_clients=len(clients), seed=seed,
                      callbacks=[lr_schedule(strategy, settings)])
     history = loop.run(settings.rounds)

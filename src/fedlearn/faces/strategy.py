@@ -9,15 +9,15 @@ server knows which pool a party draws from, never which row stands for which per
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-import torch
-
-from fedlearn.client.config import LocalConfig
 from fedlearn.errors import ConfigError
 from fedlearn.faces.config import FaceConfig
+from fedlearn.protocol.local import LocalConfig
 from fedlearn.protocol.messages import EvalTask
+from fedlearn.strategies.base import ServerState
 from fedlearn.strategies.fedavg import FedAvg
 
 
@@ -27,7 +27,7 @@ class PrivateHeadFedAvg(FedAvg):
     name = "private-head-fedavg"
 
     def __init__(self, local: LocalConfig | None = None, face: FaceConfig | None = None) -> None:
-        super().__init__(local)
+        super().__init__(local=local)
         self.face = face or FaceConfig()
 
     def face_config(self, client_id: str) -> FaceConfig:
@@ -37,11 +37,10 @@ class PrivateHeadFedAvg(FedAvg):
     def task_config(self, round: int, client_id: str, seed: int) -> dict[str, Any]:
         return {**super().task_config(round, client_id, seed), "face": self.face_config(client_id).to_dict()}
 
-    def configure_evaluate(self, round: int, weights: torch.Tensor, client_ids: list[str]) -> list[EvalTask]:
-        tasks = super().configure_evaluate(round, weights, client_ids)
-        for task in tasks:
-            task.config["face"] = self.face_config(task.client_id).to_dict()
-        return tasks
+    def configure_evaluate(self, round: int, state: ServerState, client_ids: Sequence[str]) -> list[EvalTask]:
+        tasks = super().configure_evaluate(round, state, client_ids)
+        return [EvalTask(t.round, t.client_id, t.arrays, {**t.config, "face": self.face_config(t.client_id).to_dict()},
+                         t.model_version) for t in tasks]
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "face": self.face.to_dict()}

@@ -13,16 +13,16 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from fedlearn.client.batches import iter_batches
-from fedlearn.client.config import LocalConfig
 from fedlearn.client.data import ClientData
-from fedlearn.client.trainer import LocalTrainer, privatized_result, seed_torch
+from fedlearn.client.trainer import LocalOutcome, LocalTrainer, seed_torch
 from fedlearn.data.arrays import as_tensors
 from fedlearn.errors import ConfigError, DataError
 from fedlearn.faces.augment import augment_faces
 from fedlearn.faces.config import FaceConfig
 from fedlearn.faces.margin import cosine_logits, margin_cross_entropy
 from fedlearn.faces.templates import HeadStore, PrivateHead, public_codebook
-from fedlearn.protocol.messages import EvalResult, EvalTask, TrainResult, TrainTask
+from fedlearn.protocol.local import LocalConfig
+from fedlearn.protocol.messages import EvalTask, TrainTask
 
 
 def local_labels(dataset: Dataset, client_id: str) -> torch.Tensor:
@@ -48,19 +48,21 @@ class PrivateHeadTrainer(LocalTrainer):
         self.embedding_dim = int(getattr(backbone, "embedding_dim", 0))
         self._codebooks: dict[tuple[int, int, int], torch.Tensor] = {}
 
-    def fit(self, task: TrainTask, data: ClientData) -> TrainResult:
-        """Train backbone and private head locally; return only the backbone's update (after clip/noise)."""
+    def fit(self, task: TrainTask, data: ClientData, hooks=(), state=None) -> LocalOutcome:
+        """Train backbone and private head locally; return only the backbone's update."""
         cfg = LocalConfig.from_dict(task.config)
         face = FaceConfig.from_dict(task.config.get("face", {}))
-        if cfg.mode != "delta" or cfg.dpsgd_clip > 0:
-            raise ConfigError("face training supports update (delta) mode without DP-SGD; use FedAvg-style rounds, "
-                              "with clip_norm/local noise for client-level DP")
+        unsupported = sorted(set(task.config.get("hooks", {})) - {"prox"})
+        if cfg.mode != "delta" or unsupported:
+            raise ConfigError("face training supports update (delta) mode with the prox hook only; use FedAvg-style "
+                              "rounds, with clipping and local noise for client-level DP")
+        mu = float(task.config.get("hooks", {}).get("prox", {}).get("mu", 0.0))
         labels = local_labels(data.train, task.client_id)
         seed_torch(cfg.seed, self.device)
         self.vector.load(task.weights.to(self.device))
         head = self.heads.get(task.client_id, int(labels.max()) + 1, self._dim(data.train), face)
-        loss, n = self._train_with_head(data, cfg, face, head)
-        return privatized_result(task, self.vector.read().sub_(task.weights), n, loss, cfg)
+        loss, n = self._train_with_head(data, cfg, face, head, mu)
+        return LocalOutcome({"update": self.vector.read().sub_(task.weights)}, n, {"train_loss": loss}, {})
 
     def _dim(self, dataset: Dataset) -> int:
         if not self.embedding_dim:
@@ -87,7 +89,7 @@ class PrivateHeadTrainer(LocalTrainer):
         return codebook[rows], None
 
     def _train_with_head(self, data: ClientData, cfg: LocalConfig, face: FaceConfig,
-                         head: PrivateHead) -> tuple[float, int]:
+                         head: PrivateHead, mu: float) -> tuple[float, int]:
         self.model.train()
         weight = None
         params = list(self._params)
@@ -95,7 +97,7 @@ class PrivateHeadTrainer(LocalTrainer):
             weight = head.weight.to(self.device).clone().requires_grad_(True)
             params.append(weight)
         optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        anchor = [p.detach().clone() for p in self._params] if cfg.mu > 0 else None
+        anchor = [p.detach().clone() for p in self._params] if mu > 0 else None
         generator = torch.Generator().manual_seed(cfg.seed)
         batch_size = data.batch_size or cfg.batch_size
         loss_sum = torch.zeros((), device=self.device)
@@ -111,7 +113,7 @@ class PrivateHeadTrainer(LocalTrainer):
                 loss.backward()
                 if anchor is not None:  # FedProx's proximal term on the backbone only
                     for p, p0 in zip(self._params, anchor):
-                        p.grad.add_(p.detach() - p0, alpha=cfg.mu)
+                        p.grad.add_(p.detach() - p0, alpha=mu)
                 optimizer.step()
                 loss_sum += loss.detach() * y.shape[0]
                 seen += y.shape[0]
@@ -120,7 +122,7 @@ class PrivateHeadTrainer(LocalTrainer):
         return float(loss_sum) / max(seen, 1), len(data.train)
 
     @torch.no_grad()
-    def evaluate(self, task: EvalTask, data: ClientData) -> EvalResult:
+    def evaluate(self, task: EvalTask, data: ClientData) -> tuple[int, dict[str, float]]:
         """Closed-set accuracy among the party's own people, scored with its private head (never sent)."""
         face = FaceConfig.from_dict(task.config.get("face", {}))
         dataset = data.test if data.test is not None else data.train
@@ -139,4 +141,4 @@ class PrivateHeadTrainer(LocalTrainer):
             loss_sum += float(F.cross_entropy(face.scale * cos, y, reduction="sum"))
             correct += int((cos.argmax(dim=1) == y).sum())
             n += y.shape[0]
-        return EvalResult(task.round, task.client_id, n, loss_sum / max(n, 1), correct / max(n, 1))
+        return n, {"loss": loss_sum / max(n, 1), "accuracy": correct / max(n, 1)}

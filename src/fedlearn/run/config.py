@@ -20,9 +20,23 @@ SECURE_MODES = ("none", "secagg", "secagg+")
 HE_MODES = ("none", "ckks")
 
 
+LOSSES = {"cross-entropy": "classification", "bce": "multilabel", "mse": "regression"}
+
+
+def component_settings() -> dict[str, Any]:
+    """Config keys declared by registered components (server optimizers, client hooks, ...), by key."""
+    from fedlearn.registry import settings
+
+    return settings()
+
+
 @dataclass
 class RunConfig:
-    """Everything a run needs. YAML keys are these names; flags are the same with dashes."""
+    """Everything a run needs. YAML keys are these names; flags are the same with dashes.
+
+    Keys that a registered component declares (``server_lr``, ``server_optimizer``, ...) live in
+    ``components`` and read like fields; the registry validates them, so a new component edits nothing here.
+    """
 
     dataset: str = "digits"
     data_dir: str | None = None
@@ -54,7 +68,7 @@ class RunConfig:
     accountant: str = "rdp"
     adaptive_clip_quantile: float | None = None
     clip_learning_rate: float = 0.2
-    dp_noise_seed: int | None = None
+    seeded_privacy: bool = False
     secure_aggregation: str = "none"
     secagg_threshold: float = 0.67
     secagg_bits: int = 32
@@ -64,23 +78,49 @@ class RunConfig:
     he: str = "none"
     he_keys: str | None = None
     he_key_holder: str | None = None
+    task: str | None = None
+    loss: str | None = None
     seed: int = 0
     threads: int = 1
     device: str = "cpu"
     download: bool = True
     output: str | None = None
+    components: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "components":
+            raise AttributeError(name)
+        settings = component_settings()
+        if name in settings:
+            return self.components.get(name, settings[name].default)
+        raise AttributeError(f"RunConfig has no setting {name!r}")
 
     def validate(self) -> RunConfig:
         """Check every field; raise ConfigError naming the first bad one and what is allowed."""
         for f in fields(self):
-            _check_type(f.name, getattr(self, f.name), f.type)
+            if f.name != "components":
+                _check_type(f.name, getattr(self, f.name), f.type)
         from fedlearn.data import DATASETS, PARTITIONS
         from fedlearn.models import MODELS
-        from fedlearn.strategies import ALGORITHMS
+        from fedlearn.registry import check_value, lookup, make_config
+        from fedlearn.tasks import TASKS
 
         _one_of("dataset", self.dataset, DATASETS)
         _one_of("model", self.model, MODELS)
-        _one_of("algorithm", self.algorithm, ALGORITHMS)
+        settings = component_settings()
+        for key, value in self.components.items():
+            check_value(key, value, settings[key].type)
+        strategy = lookup("strategy", self.algorithm)
+        make_config("strategy", strategy, self.to_dict())
+        optimizer = self.server_optimizer or getattr(strategy, "default_optimizer", None)
+        if optimizer is not None:  # the algorithm's default optimizer checks --server-lr etc. too
+            make_config("optimizer", lookup("optimizer", optimizer), self.to_dict())
+        if self.task is not None:
+            _one_of("task", self.task, TASKS)
+        if self.loss is not None:
+            _one_of("loss", self.loss, tuple(LOSSES))
+            if self.task is not None and LOSSES[self.loss] != self.task:
+                raise ConfigError(f"--loss {self.loss} is the {LOSSES[self.loss]} loss, but --task is {self.task}")
         _one_of("partition", self.partition, PARTITIONS)
         _one_of("evaluation", self.evaluation, EVALUATIONS)
         _one_of("dp", self.dp, DP_MODES)
@@ -115,9 +155,9 @@ class RunConfig:
     def _validate_dp(self) -> None:
         if self.dp == "none":
             return
-        if self.algorithm not in ("fedavg", "fedprox"):
-            raise ConfigError(f"--dp {self.dp} works with fedavg or fedprox (a noised weighted sum); "
-                              f"got --algorithm {self.algorithm}")
+        if self.algorithm == "fedsgd":
+            raise ConfigError("--dp works with algorithms whose clients send model updates; --algorithm fedsgd "
+                              "sends gradients, whose clipping this DP accounting does not cover")
         if self.dp in ("local", "dpsgd") and (self.target_epsilon is not None and self.target_mode == "stop"
                                               or self.adaptive_clip_quantile is not None):
             raise ConfigError(f"--dp {self.dp} supports --target-mode calibrate only, without --adaptive-clip-quantile")
@@ -160,15 +200,26 @@ class RunConfig:
             raise ConfigError("--he ckks needs --he-keys DIR made by `fedlearn he keygen --dir DIR`")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every key as YAML writes it: the fields, then the components' keys, flat."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "components"}
+        out.update(self.components)
+        return out
+
+    @property
+    def task_name(self) -> str | None:
+        """The task the run trains: --task, or the one --loss implies, or None (the dataset's)."""
+        return self.task or (LOSSES[self.loss] if self.loss else None)
 
     def updated(self, changes: dict[str, Any], source: str = "flags") -> RunConfig:
         """A copy with ``changes`` applied; unknown keys are refused with the list of known ones."""
-        known = {f.name for f in fields(self)}
-        unknown = sorted(set(changes) - known)
+        known = {f.name for f in fields(self)} - {"components"}
+        settings = component_settings()
+        unknown = sorted(set(changes) - known - set(settings))
         if unknown:
-            raise ConfigError(f"{source}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
-        return dataclasses.replace(self, **changes)
+            raise ConfigError(f"{source}: unknown key {unknown[0]!r}; known keys: "
+                              f"{', '.join(sorted(known | set(settings)))}")
+        components = {**self.components, **{k: v for k, v in changes.items() if k in settings and k not in known}}
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if k in known}, components=components)
 
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:

@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from fedlearn.client.data import ClientData
-from fedlearn.client.secure import SecureClients
-from fedlearn.client.trainer import LocalTrainer
+from fedlearn.client.state import ClientStateStore
 from fedlearn.data import DatasetBundle, load_dataset
 from fedlearn.errors import ConfigError
 from fedlearn.protocol.params import ParamSpec
 from fedlearn.run.config import RunConfig
-from fedlearn.run.experiment import build_clients, initial_model
+from fedlearn.run.experiment import build_clients, client_app, initial_model
 from fedlearn.run.runner import finish_run, prepare_run
 from fedlearn.server.loop import RoundCallback
 
@@ -101,8 +100,16 @@ def serve(
                  f" (dropped: {', '.join(row['failed_clients'])})" if row["failed_clients"] else "",
                  "-" if accuracy is None else f"{accuracy:.4f}", row["seconds"])
 
+    def wait(rnd: int) -> None:
+        runtime = holder["runtime"]
+        if not started:  # the first round of this process waits for every client, later ones for enough
+            runtime.wait_for_clients(experiment.config.clients)
+            started.append(True)
+        runtime.wait_for_clients(experiment.config.min_clients)
+
+    started: list[bool] = []
     experiment, run_dir = prepare_run(config, resume=resume, rounds=rounds, callbacks=[report, *callbacks],
-                                      runtime=make_runtime)
+                                      runtime=make_runtime, before_round=wait)
     config = experiment.config
     runtime = holder["runtime"]
     runtime.completed_rounds = experiment.loop.round
@@ -115,11 +122,7 @@ def serve(
     if store is not None and threading.current_thread() is threading.main_thread():
         install_sighup_reload(store)
     try:
-        if experiment.loop.round < config.rounds:
-            runtime.wait_for_clients(config.clients)
-        while experiment.loop.round < config.rounds:
-            runtime.wait_for_clients(config.min_clients)
-            experiment.loop.run_round()
+        experiment.loop.run(config.rounds)  # the one driver: it asks the strategy before every round
         summary = finish_run(experiment, run_dir, time.perf_counter() - start)
         log.info("finished %d rounds: final accuracy %s; model in %s", summary["rounds"],
                  summary["final_accuracy"], run_dir.path)
@@ -176,6 +179,7 @@ def run_client(
     insecure: bool = False,
     poll_seconds: float = 10.0,
     give_up_after: float | None = 3600.0,
+    state_dir: str | os.PathLike | None = None,
 ) -> int:
     """Join ``server`` as one client and answer its tasks until the run finishes; returns tasks done."""
     import torch
@@ -198,19 +202,32 @@ def run_client(
         _probe_until_reachable(server, tls, give_up_after)
     torch.set_num_threads(config.threads)
     bundle = load_dataset(config.dataset, config.data_dir, download=config.download)
+    if config.seeded_privacy:
+        raise ConfigError("seeded_privacy makes privacy noise predictable and is for simulations only; remove it "
+                          "from this client's config")
     client_id, data = client_data_for(config, bundle, partition_index, client_id)
-    trainer = LocalTrainer(initial_model(config, bundle), config.device)
+    # This client's own state (SCAFFOLD's control, ...) survives a restart in its own folder.
+    state = ClientStateStore.open_latest(Path(state_dir or f"fedlearn-client-state/{_safe(client_id)}"))
+    app = client_app(config, initial_model(config, bundle), {client_id: data}, config.task_name or bundle.task,
+                     state=state, commit_state=True)
     # The first optimizer a process builds imports torch._dynamo (~2 s here): pay it before joining,
     # not inside round 1's deadline.
-    torch.optim.SGD(trainer.model.parameters(), lr=0.1)
-    client = RemoteClient(server, client_id, trainer, data, credentials=credentials, token=token,
+    torch.optim.SGD(app.trainer.model.parameters(), lr=0.1)
+    client = RemoteClient(server, client_id, app, credentials=credentials, token=token,
                           poll_seconds=poll_seconds, give_up_after=give_up_after)
-    client.secure = SecureClients(config.he_keys)  # public.ctx to encrypt; secret.ctx only on the key holder
     logging.getLogger("fedlearn.client").info("client %s joining %s", client_id, server)
     try:
         return client.run()
     finally:
         client.close()
+
+
+def _safe(client_id: str) -> str:
+    """A folder name for a client id (ids may hold characters a file name cannot)."""
+    import hashlib
+
+    keep = "".join(c if c.isalnum() or c in "-_." else "_" for c in client_id)[:40].strip(".") or "client"
+    return f"{keep}-{hashlib.sha256(client_id.encode()).hexdigest()[:8]}"
 
 
 def _probe_until_reachable(server: str, tls: TLSFiles, give_up_after: float | None) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,15 +13,18 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
-from fedlearn.client.config import LocalConfig
+from fedlearn.client.app import ClientApp, ClientPolicy
 from fedlearn.client.data import ClientData
 from fedlearn.client.secure import SecureClients
+from fedlearn.client.state import ClientStateStore
 from fedlearn.client.trainer import LocalTrainer
 from fedlearn.data import DatasetBundle, label_counts, load_dataset, partition_indices, split_train_test
 from fedlearn.errors import ConfigError
 from fedlearn.models import build_model
 from fedlearn.privacy.accountant import calibrate_noise_multiplier, default_delta
+from fedlearn.protocol.local import LocalConfig
 from fedlearn.protocol.params import ModelVector, ParamSpec
+from fedlearn.registry import lookup
 from fedlearn.run.config import RunConfig
 from fedlearn.runtime.base import Runtime
 from fedlearn.runtime.inprocess import InProcessRuntime
@@ -29,9 +32,10 @@ from fedlearn.seeding import derive_seed
 from fedlearn.server.evaluation import CentralEvaluator
 from fedlearn.server.loop import RoundCallback, RoundLoop
 from fedlearn.server.secure import HomomorphicRound, SecAggSettings, SecureAggregationRound, require_sum_only
-from fedlearn.strategies import Strategy, build_strategy
-from fedlearn.strategies.dp_fedavg import DPFedAvg, LocalDPFedAvg
-from fedlearn.strategies.dpsgd import DPSGDFedAvg
+from fedlearn.strategies import Strategy
+from fedlearn.strategies.base import Sampler
+from fedlearn.strategies.dp import DPSGD, CentralDP, LocalDP
+from fedlearn.transforms import Clip, GaussianNoise
 
 
 @dataclass
@@ -93,10 +97,8 @@ def initial_model(config: RunConfig, bundle: DatasetBundle) -> torch.nn.Module:
 
 
 def local_config(config: RunConfig) -> LocalConfig:
-    return LocalConfig(
-        local_epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr,
-        momentum=config.momentum, weight_decay=config.weight_decay,
-    )
+    return LocalConfig(**{k: getattr(config, k) for k in ("local_epochs", "batch_size", "lr", "momentum",
+                                                         "weight_decay")})
 
 
 RuntimeFactory = Callable[[RunConfig, ParamSpec], Runtime]
@@ -128,31 +130,60 @@ def clipped_count_stddev(config: RunConfig) -> float | None:
 
 
 def strategy_for(config: RunConfig) -> Strategy:
-    """The configured algorithm, wrapped in client-level central DP when ``config.dp`` asks for it."""
-    local = local_config(config)
+    """The configured algorithm (through the registry), wrapped by the DP mode ``config.dp`` asks for."""
+    cls = lookup("strategy", config.algorithm)
+    values = config.to_dict()
+    from fedlearn.registry import make_config
+
+    strategy = cls.from_values(values, local=local_config(config),
+                               sampler=Sampler(config.fraction, config.min_clients),
+                               config=make_config("strategy", cls, values))
     if config.dp == "none":
-        return build_strategy(config.algorithm, local, mu=config.mu)
+        return strategy
     config = resolve_privacy(config)
-    if config.algorithm == "fedprox":
-        local = replace(local, mu=config.mu)
     if config.dp == "dpsgd":
-        return DPSGDFedAvg(local, clip_norm=config.clip_norm, noise_multiplier=config.noise_multiplier,
-                           delta=config.delta, accountant=config.accountant, noise_seed=config.dp_noise_seed)
+        return DPSGD(strategy, clip_norm=config.clip_norm, noise_multiplier=config.noise_multiplier,
+                     delta=config.delta, accountant=config.accountant)
     if config.dp == "local":
-        return LocalDPFedAvg(local, clip_norm=config.clip_norm, noise_multiplier=config.noise_multiplier,
-                             delta=config.delta, accountant=config.accountant, noise_seed=config.dp_noise_seed)
-    return DPFedAvg(local, clip_norm=config.clip_norm, noise_multiplier=config.noise_multiplier,
-                    num_clients=config.clients, sampling_rate=config.fraction, delta=config.delta,
-                    accountant=config.accountant, target_epsilon=config.target_epsilon,
-                    stop_at_budget=config.target_mode == "stop", noise_seed=config.dp_noise_seed,
-                    adaptive_quantile=config.adaptive_clip_quantile, clip_learning_rate=config.clip_learning_rate)
+        return LocalDP(strategy, clip_norm=config.clip_norm, noise_multiplier=config.noise_multiplier,
+                       delta=config.delta, accountant=config.accountant)
+    return CentralDP(strategy, clip_norm=config.clip_norm, noise_multiplier=config.noise_multiplier,
+                     delta=config.delta, accountant=config.accountant, target_epsilon=config.target_epsilon,
+                     stop_at_budget=config.target_mode == "stop", noise_seed=privacy_seed(config, "central-noise"),
+                     adaptive_quantile=config.adaptive_clip_quantile, clip_learning_rate=config.clip_learning_rate,
+                     population=config.clients)
+
+
+def privacy_seed(config: RunConfig, purpose: str) -> int | None:
+    """The seed privacy randomness comes from under the simulation-only seeded-privacy switch, else None."""
+    return derive_seed(config.seed, purpose) if config.seeded_privacy else None
+
+
+def client_policy(config: RunConfig) -> ClientPolicy:
+    """What this run's clients require of every task, whatever the server asks (their own privacy policy)."""
+    if config.dp == "local":
+        config = resolve_privacy(config)
+        return ClientPolicy([Clip(Clip.Config(config.clip_norm)),
+                             GaussianNoise(GaussianNoise.Config(config.noise_multiplier * config.clip_norm))])
+    return ClientPolicy()
+
+
+def client_app(config: RunConfig, model: torch.nn.Module, clients: dict[str, ClientData], task: str, *,
+               state: ClientStateStore | None = None, commit_state: bool = False) -> ClientApp:
+    """The ClientApp every runtime calls for this run's clients (all of them in simulation, one in a deployment)."""
+    trainer = LocalTrainer(model, config.device, task=task)
+    return ClientApp(trainer, clients, state=state, secure=SecureClients(config.he_keys),
+                     policy=client_policy(config),
+                     seeded_privacy=derive_seed(config.seed, "client-privacy") if config.seeded_privacy else None,
+                     commit_state=commit_state)
 
 
 def secure_round(config: RunConfig, strategy: Strategy, length: int,
                  clients: dict[str, ClientData]) -> SecureAggregationRound | HomomorphicRound | None:
     """The secure-aggregation or HE exchange ``config`` asks for, checked against the strategy; None without one."""
-    if config.he == "ckks":
+    if config.he != "none" or config.secure_aggregation != "none":
         require_sum_only(strategy)
+    if config.he == "ckks":
         return HomomorphicRound(str(Path(config.he_keys) / "public.ctx"), length, config.he_key_holder)
     if config.secure_aggregation == "none":
         return None
@@ -175,6 +206,7 @@ def build_experiment(
     runtime: RuntimeFactory | None = None,
     checkpoint_path: str | os.PathLike | None = None,
     callbacks: Iterable[RoundCallback] = (),
+    before_round: Callable[[int], None] | None = None,
 ) -> Experiment:
     """Everything for ``config``. Without ``runtime`` the clients are simulated in this process
     (one model for all of them, one for the server's evaluation); with it, clients live wherever
@@ -184,26 +216,27 @@ def build_experiment(
     torch.set_num_threads(config.threads)
     bundle = load_dataset(config.dataset, config.data_dir, download=config.download)
     model = initial_model(config, bundle)
+    task = config.task_name or bundle.task
     server_model = copy.deepcopy(model)
     vector = ModelVector(server_model)
+    state: ClientStateStore | None = None
     if runtime is None:
         clients, info = build_clients(config, bundle)
-        client_runtime: Runtime = InProcessRuntime(LocalTrainer(model, config.device), clients,
-                                                   SecureClients(config.he_keys))
+        state = ClientStateStore(Path(checkpoint_path).parent / "client_state" if checkpoint_path else None)
+        client_runtime: Runtime = InProcessRuntime(client_app(config, model, clients, task, state=state))
     else:
         clients, info = {}, []
         client_runtime = runtime(config, vector.spec)
     evaluator = None
     if config.evaluation in ("centralized", "both"):
-        evaluator = CentralEvaluator(server_model, bundle.test, config.device)
+        evaluator = CentralEvaluator(server_model, bundle.test, config.device, task=task)
     strategy = strategy_for(config)
     loop = RoundLoop(
-        strategy, client_runtime, vector.spec,
-        vector.read(), fraction=config.fraction, min_clients=config.min_clients,
+        strategy, client_runtime, vector.spec, vector.read(), min_clients=config.min_clients,
         min_fit_fraction=config.min_fit_fraction, seed=config.seed,
-        sampling="poisson" if config.dp == "central" else "uniform",
         evaluator=evaluator, federated_eval=config.evaluation in ("federated", "both"),
         checkpoint_path=checkpoint_path, callbacks=callbacks,
-        secure=secure_round(config, strategy, vector.spec.numel, clients),
+        sums=secure_round(config, strategy, vector.spec.numel, clients), client_state=state,
+        before_round=before_round,
     )
     return Experiment(config, bundle, clients, info, loop, server_model)

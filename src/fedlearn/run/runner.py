@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from fedlearn.errors import ConfigError
@@ -22,6 +22,7 @@ def prepare_run(
     rounds: int | None = None,
     callbacks: Iterable[RoundCallback] = (),
     runtime: RuntimeFactory | None = None,
+    before_round: Callable[[int], None] | None = None,
 ) -> tuple[Experiment, RunDir]:
     """Build a new run in ``config.output`` (or runs/<timestamp>), or reload ``resume`` at its last round."""
     if resume is not None:
@@ -36,7 +37,8 @@ def prepare_run(
         config = resolve_privacy(config.updated({"output": str(run_dir.path)}).validate())
     config.validate()
     callbacks = [run_dir.append_metrics, *callbacks]
-    experiment = build_experiment(config, runtime=runtime, checkpoint_path=run_dir.checkpoint, callbacks=callbacks)
+    experiment = build_experiment(config, runtime=runtime, checkpoint_path=run_dir.checkpoint, callbacks=callbacks,
+                                  before_round=before_round)
     if resume is not None:
         experiment.loop.resume(run_dir.checkpoint)
         run_dir.rewrite_metrics(experiment.loop.history)

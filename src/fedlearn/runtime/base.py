@@ -1,4 +1,8 @@
-"""The runtime contract: deliver tasks to clients wherever they run, hand back their answers."""
+"""The runtime contract: deliver tasks to clients wherever they run, hand back their answers.
+
+Every runtime hands each task to the client's ``ClientApp`` (in this process, on a worker, or in
+a remote process), so a runtime never runs client or privacy code of its own.
+"""
 
 from __future__ import annotations
 
@@ -6,34 +10,26 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from fedlearn.protocol.messages import EvalResult, EvalTask, SecureReply, SecureTask, TrainResult, TrainTask
+from fedlearn.protocol.messages import Message
 
 
 @dataclass(frozen=True)
 class ClientFailure:
-    """A client that did not answer (crashed, timed out, disconnected); recorded, not fatal."""
+    """A client that did not answer (crashed, timed out, disconnected, refused the task); recorded, not fatal."""
 
     client_id: str
     reason: str
 
 
 class Runtime(Protocol):
-    """Where clients run. Strategies and privacy code never know which runtime they are in."""
+    """Where clients run."""
 
     def client_ids(self) -> list[str]:
         """Clients that can be given work this round."""
         ...
 
-    def train(self, tasks: Sequence[TrainTask]) -> Iterator[TrainResult | ClientFailure]:
-        """Deliver train tasks; yield each answer as it arrives."""
-        ...
-
-    def evaluate(self, tasks: Sequence[EvalTask]) -> Iterator[EvalResult | ClientFailure]:
-        """Deliver evaluation tasks; yield each answer as it arrives."""
-        ...
-
-    def exchange(self, tasks: Sequence[SecureTask]) -> Iterator[SecureReply | ClientFailure]:
-        """Deliver secure-aggregation protocol steps; yield each reply as it arrives."""
+    def deliver(self, tasks: Sequence[Message]) -> Iterator[Message | ClientFailure]:
+        """Deliver tasks (train, evaluate or protocol steps); yield each answer, in task order."""
         ...
 
     def close(self) -> None:

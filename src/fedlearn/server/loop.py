@@ -1,4 +1,8 @@
-"""The one round loop: sample, send tasks, fold results in, evaluate, record, checkpoint."""
+"""The one driver: for every entry point (`fedlearn run`, `fedlearn server`, FedServer, the face
+application) it samples, delivers, folds results in, applies the update, evaluates, records and
+checkpoints. *When* the model is updated is the scheduler's choice (``SyncRounds`` here); *how*
+results are summed (plain, SecAgg, HE) is the sum protocol's; both use the one collect loop.
+"""
 
 from __future__ import annotations
 
@@ -7,33 +11,80 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
+from fedlearn.client.state import ClientStateStore
 from fedlearn.errors import CheckpointError, InvalidUpdateError
 from fedlearn.metrics import BINARY_KEYS, FEDERATED_KEYS
-from fedlearn.protocol.messages import EvalResult, TrainTask, wire_size
+from fedlearn.protocol.messages import EvalResult, Message, TrainResult
 from fedlearn.protocol.params import ParamSpec, check_vector
-from fedlearn.runtime.base import ClientFailure, Runtime
+from fedlearn.runtime.base import Runtime
 from fedlearn.server.checkpoint import load_checkpoint, save_checkpoint
-from fedlearn.server.sampling import poisson_sample, sample_clients
-from fedlearn.server.secure import HomomorphicRound, SecureAggregationRound
+from fedlearn.server.collect import Traffic, collect
 from fedlearn.server.validation import check_result
-from fedlearn.strategies.base import Aggregation, Strategy
+from fedlearn.strategies.base import Aggregator, ServerState, Strategy
 
 log = logging.getLogger(__name__)
 
-Evaluator = Callable[[torch.Tensor], "tuple[float, float]"]
 RoundCallback = Callable[[dict[str, Any]], None]
 
 
-class RoundLoop:
-    """Runs federated rounds with any strategy on any runtime and keeps the run's history.
+class Evaluator(Protocol):
+    """Central evaluation: metrics of the global weights on a server-side test set."""
 
-    ``evaluator`` scores the global weights centrally after each round; with
-    ``federated_eval`` the clients' own test sets are used as well. When ``checkpoint_path``
-    is set the state is written atomically after every round, before callbacks see the row.
+    def score(self, weights: torch.Tensor) -> dict[str, Any]: ...
+
+
+class SumProtocol(Protocol):
+    """How a cohort's results reach the aggregator: one by one (plain) or as one hidden sum (SecAgg, HE)."""
+
+    name: str
+
+    def collect(self, rnd: int, tasks: list, loop: RoundLoop, aggregator: Aggregator) -> tuple[Traffic, str | None]:
+        ...
+
+
+class PlainSum:
+    """Each result is validated and folded into the aggregator as it arrives."""
+
+    name = "plain"
+
+    def collect(self, rnd: int, tasks: list, loop: RoundLoop, aggregator: Aggregator) -> tuple[Traffic, str | None]:
+        expected = loop.strategy.expected_arrays(loop.state)
+        losses = loop.round_losses
+
+        def accept(task: Message, answer: Message) -> None:
+            if not isinstance(answer, TrainResult):
+                raise InvalidUpdateError(f"{answer.client_id} answered a train task with a {type(answer).__name__}")
+            arrays = check_result(answer, task, expected)
+            aggregator.add(answer, arrays)
+            losses.append((float(answer.metrics.get("train_loss", 0.0)), answer.num_examples))
+
+        return collect(loop.runtime, tasks, accept, rnd, "train task"), None
+
+
+class SyncRounds:
+    """Today's schedule: one cohort per model update, wait for every answer or the deadline, apply once."""
+
+    name = "sync"
+
+    def step(self, loop: RoundLoop, rnd: int) -> dict[str, Any]:
+        sampled = loop.strategy.sampler.sample(loop.runtime.client_ids(), rnd, loop.seed)
+        tasks = loop.strategy.configure_train(rnd, loop.state, sampled, loop.seed)
+        aggregator = loop.strategy.aggregator(rnd, loop.state)
+        traffic, aborted = loop.sums.collect(rnd, tasks, loop, aggregator)
+        return loop.apply(rnd, aggregator, len(tasks), traffic, aborted)
+
+
+class RoundLoop:
+    """Runs rounds of any strategy on any runtime and keeps the run's history and checkpoint.
+
+    ``evaluator`` scores the global weights centrally after each round; with ``federated_eval``
+    the clients' own test sets are used as well. With ``checkpoint_path`` the server state (and,
+    in simulation, ``client_state``) is written atomically after every round, before callbacks
+    see the row. ``before_round`` runs before each round (a deployment waits for its clients).
     """
 
     def __init__(
@@ -43,114 +94,93 @@ class RoundLoop:
         spec: ParamSpec,
         weights: torch.Tensor,
         *,
-        fraction: float = 1.0,
         min_clients: int = 1,
         min_fit_fraction: float = 0.0,
-        sampling: str = "uniform",
         seed: int = 0,
         evaluator: Evaluator | None = None,
         federated_eval: bool = False,
         checkpoint_path: str | os.PathLike | None = None,
         callbacks: Iterable[RoundCallback] = (),
-        secure: SecureAggregationRound | HomomorphicRound | None = None,
+        sums: SumProtocol | None = None,
+        scheduler: Any = None,
+        client_state: ClientStateStore | None = None,
+        before_round: Callable[[int], None] | None = None,
     ) -> None:
         check_vector(weights, spec)
         self.strategy = strategy
         self.runtime = runtime
         self.spec = spec
-        self.weights = weights.detach().to("cpu", torch.float32).clone()
-        self.fraction = fraction
+        self.state = ServerState(weights.detach().to("cpu", torch.float32).clone())
         self.min_clients = min_clients
         self.min_fit_fraction = min_fit_fraction
-        self.sampling = sampling
         self.seed = seed
         self.evaluator = evaluator
         self.federated_eval = federated_eval
         self.checkpoint_path = checkpoint_path
         self.callbacks = list(callbacks)
-        self.secure = secure  # secure aggregation: clients' updates are only ever seen summed
+        self.sums = sums or PlainSum()
+        self.scheduler = scheduler or SyncRounds()
+        self.client_state = client_state
+        self.before_round = before_round
         self.round = 0
         self.history: list[dict[str, Any]] = []
+        self.round_losses: list[tuple[float, int]] = []
+
+    @property
+    def weights(self) -> torch.Tensor:
+        return self.state.weights
 
     def run(self, num_rounds: int) -> list[dict[str, Any]]:
-        """Run until ``num_rounds`` rounds are complete in total (resumed rounds count)."""
+        """Run until ``num_rounds`` rounds are complete in total (resumed rounds count), or the strategy stops."""
         while self.round < num_rounds and self.strategy.can_continue(self.round + 1):
+            if self.before_round is not None:
+                self.before_round(self.round + 1)
             self.run_round()
         return self.history
 
     def run_round(self) -> dict[str, Any]:
-        """One complete round; returns the history row it appended."""
+        """One step of the scheduler; returns the history row it appended."""
         start = time.perf_counter()
         rnd = self.round + 1
-        if self.sampling == "poisson":
-            sampled = poisson_sample(self.runtime.client_ids(), self.fraction, self.seed, rnd)
-        else:
-            sampled = sample_clients(self.runtime.client_ids(), self.fraction, self.min_clients, self.seed, rnd)
-        tasks = self.strategy.configure_train(rnd, self.weights, sampled, self.seed)
-        aggregation = self.strategy.begin_aggregation(rnd, self.weights)
-        extra: dict[str, Any] = {}
-        if self.secure is None:
-            failed, bytes_up, bytes_down, train_loss = self._collect(rnd, tasks, aggregation)
-        else:
-            outcome = self.secure.run(rnd, tasks, self.runtime, self.strategy, aggregation, self.seed)
-            failed, bytes_up, bytes_down, train_loss = outcome.failed, outcome.bytes_up, outcome.bytes_down, None
-            extra["secure_aggregation"] = self.secure.name
-            if outcome.aborted:
-                extra["secure_aggregation_aborted"] = outcome.aborted
-        needed = max(self.min_clients, math.ceil(self.min_fit_fraction * len(tasks) - 1e-9), 1)
-        aggregated = aggregation.count >= needed
-        if aggregated or self.strategy.aggregates_empty_rounds:
-            self.weights = aggregation.finish()
-        else:
-            log.warning("round %d: only %d of %d clients succeeded (need %d); weights unchanged",
-                        rnd, aggregation.count, len(tasks), needed)
-        row: dict[str, Any] = {
-            "round": rnd,
-            "train_loss": train_loss,
-            "clients_sampled": len(tasks),
-            "clients_succeeded": aggregation.count,
-            "failed_clients": failed,
-            "aggregated": aggregated,
-            "bytes_up": bytes_up,
-            "bytes_down": bytes_down,
-            **extra,
-        }
+        self.round_losses = []
+        row = self.scheduler.step(self, rnd)
         row.update(self.strategy.round_metrics())
         row.update(self._evaluate(rnd))
         row["seconds"] = time.perf_counter() - start
         self.round = rnd
         self.history.append(row)
         if self.checkpoint_path is not None:
-            save_checkpoint(self.checkpoint_path, self.state_dict())
+            self.save(self.checkpoint_path)
         for callback in self.callbacks:
             callback(row)
         return row
 
-    def _collect(self, rnd: int, tasks: list[TrainTask],
-                 aggregation: Aggregation) -> tuple[list[str], int, int, float | None]:
-        """Deliver plain train tasks and fold each checked update in: (failed, bytes up, bytes down, loss)."""
-        by_client = {t.client_id: t for t in tasks}
-        bytes_down = sum(wire_size(t) for t in tasks)
-        bytes_up, loss_sum, examples = 0, 0.0, 0
-        failed: list[str] = []
-        for answer in self.runtime.train(tasks):
-            if isinstance(answer, ClientFailure):
-                log.warning("round %d: client %s dropped: %s", rnd, answer.client_id, answer.reason)
-                if by_client.pop(answer.client_id, None) is not None:
-                    failed.append(answer.client_id)
-                continue
-            bytes_up += wire_size(answer)
-            try:
-                update = check_result(answer, by_client.pop(answer.client_id, None), self.spec)
-            except InvalidUpdateError as exc:
-                log.warning("round %d: rejected: %s", rnd, exc)
-                failed.append(answer.client_id)
-                continue
-            aggregation.add(answer, update)
-            loss_sum += float(answer.metrics.get("train_loss", 0.0)) * answer.num_examples
-            examples += answer.num_examples
-        failed.extend(by_client)  # tasks that got no answer at all
-        return failed, bytes_up, bytes_down, (loss_sum / examples if examples else None)
+    def apply(self, rnd: int, aggregator: Aggregator, sampled: int, traffic: Traffic,
+              aborted: str | None = None) -> dict[str, Any]:
+        """Turn the cohort's aggregate into new weights (if enough answered) and build the round's row."""
+        needed = max(self.min_clients, math.ceil(self.min_fit_fraction * sampled - 1e-9), 1)
+        aggregated = aggregator.count >= needed
+        if aggregated or self.strategy.aggregates_empty_rounds:
+            self.state = self.strategy.apply(self.state, aggregator.result(), aggregator.count)
+        else:
+            log.warning("round %d: only %d of %d clients succeeded (need %d); weights unchanged",
+                        rnd, aggregator.count, sampled, needed)
+        examples = sum(n for _, n in self.round_losses)
+        row: dict[str, Any] = {
+            "round": rnd,
+            "train_loss": sum(loss * n for loss, n in self.round_losses) / examples if examples else None,
+            "clients_sampled": sampled,
+            "clients_succeeded": aggregator.count,
+            "failed_clients": traffic.failed,
+            "aggregated": aggregated,
+            "bytes_up": traffic.bytes_up,
+            "bytes_down": traffic.bytes_down,
+        }
+        if self.sums.name != "plain":
+            row["secure_aggregation"] = self.sums.name
+            if aborted:
+                row["secure_aggregation_aborted"] = aborted
+        return row
 
     def _evaluate(self, rnd: int) -> dict[str, Any]:
         """The row's test fields: central when there is an evaluator, else federated; binary tasks add
@@ -158,36 +188,57 @@ class RoundLoop:
         out: dict[str, Any] = {"test_accuracy": None, "test_loss": None}
         if self.federated_eval:
             fed = self.evaluate_federated(rnd)
-            out.update({"fed_accuracy": fed.get("accuracy"), "fed_loss": fed.get("loss")})
-            out.update({"test_accuracy": fed.get("accuracy"), "test_loss": fed.get("loss")})
+            for key in ("accuracy", "loss", "mse", "mae"):
+                if key in fed or key in ("accuracy", "loss"):
+                    out[f"fed_{key}"] = fed.get(key)
+                    out[f"test_{key}"] = fed.get(key)
             out.update({f"fed_{k}": fed[k] for k in FEDERATED_KEYS if k in fed})
             out.update({f"test_{k}": fed[k] for k in BINARY_KEYS if k in fed})
         if self.evaluator is not None:
-            score = getattr(self.evaluator, "score", None)  # CentralEvaluator: loss, accuracy and binary metrics
-            central = score(self.weights) if score is not None else dict(zip(("loss", "accuracy"),
-                                                                              self.evaluator(self.weights)))
-            out.update({"test_accuracy": central["accuracy"], "test_loss": central["loss"]})
+            central = self.evaluator.score(self.state.weights)
+            out.update({f"test_{k}": v for k, v in central.items() if k in ("accuracy", "loss", "mse", "mae")})
             out.update({f"test_{k}": central[k] for k in BINARY_KEYS if k in central})
         return out
 
     def evaluate_federated(self, rnd: int | None = None) -> dict[str, float]:
-        """Sample-weighted loss and accuracy of the global weights over every client's test set
-        (for binary tasks also the pooled sensitivity, specificity, balanced accuracy and histogram AUC)."""
+        """Sample-weighted metrics of the global weights over every client's test set (binary tasks add the
+        pooled sensitivity, specificity, balanced accuracy and histogram AUC)."""
         rnd = self.round if rnd is None else rnd
-        tasks = self.strategy.configure_evaluate(rnd, self.weights, self.runtime.client_ids())
-        results = [r for r in self.runtime.evaluate(tasks) if isinstance(r, EvalResult)]
+        tasks = self.strategy.configure_evaluate(rnd, self.state, self.runtime.client_ids())
+        results: list[EvalResult] = []
+
+        def accept(task: Message, answer: Message) -> None:
+            if not isinstance(answer, EvalResult):
+                raise InvalidUpdateError(f"{answer.client_id} answered an evaluation with a {type(answer).__name__}")
+            results.append(answer)
+
+        collect(self.runtime, tasks, accept, rnd, "evaluation")
         return self.strategy.aggregate_evaluate(results)
 
+    # ----- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "round": self.round,
-            "weights": self.weights,
+            "weights": self.state.weights,
+            "extras": dict(self.state.extras),
+            "model_version": self.state.version,
             "strategy": self.strategy.state_dict(),
             "strategy_name": self.strategy.name,
             "history": self.history,
             "spec": self.spec.to_dict(),
             "seed": self.seed,
         }
+        if self.client_state is not None:
+            out["client_state"] = self.client_state.state_dict()
+        return out
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Checkpoint atomically: client state files first, then the server state that names them."""
+        if self.client_state is not None:
+            self.client_state.commit()
+        save_checkpoint(path, self.state_dict())
+        if self.client_state is not None:
+            self.client_state.prune()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if ParamSpec.from_dict(state["spec"]) != self.spec:
@@ -195,12 +246,14 @@ class RoundLoop:
         if state["strategy_name"] != self.strategy.name:
             raise CheckpointError(f"checkpoint was written by {state['strategy_name']}, not {self.strategy.name}")
         self.round = int(state["round"])
-        self.weights = state["weights"].to(torch.float32)
+        self.state = ServerState(state["weights"].to(torch.float32), dict(state.get("extras", {})),
+                                 int(state.get("model_version", self.round)))
         self.strategy.load_state_dict(state["strategy"])
         self.history = list(state["history"])
         self.seed = int(state["seed"])
+        if self.client_state is not None and "client_state" in state:
+            self.client_state.load_state_dict(state["client_state"])
 
     def resume(self, path: str | os.PathLike) -> None:
         """Continue from the last round completed in the checkpoint at ``path``."""
         self.load_state_dict(load_checkpoint(path))
-

@@ -1,8 +1,9 @@
 """A training round under secure aggregation: the server's half of SecAgg / SecAgg+ over any runtime.
 
 The four protocol steps are messages like any other (SecureTask / SecureReply, and the masked
-TrainResult), so the in-process simulation and gRPC deployment run the same protocol. The
-strategy's aggregation receives one summed vector; no individual update ever exists here.
+TrainResult), delivered through the one collect loop, so the in-process simulation and gRPC
+deployment run the same protocol. The aggregator receives one summed vector per uplink array; no
+individual update ever exists here. Both protocols are ``SumProtocol``s of the round loop.
 """
 
 from __future__ import annotations
@@ -15,17 +16,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedlearn.client.secure import join_blob, split_blob
 from fedlearn.errors import ConfigError, InvalidUpdateError
 from fedlearn.privacy import he
 from fedlearn.privacy.secagg.crypto import mask_dtype
 from fedlearn.privacy.secagg.encoding import FixedPoint
 from fedlearn.privacy.secagg.graph import default_degree
 from fedlearn.privacy.secagg.server import SecAggAborted, SecAggServer, resolve_threshold
-from fedlearn.protocol.messages import SecureReply, SecureTask, TrainResult, TrainTask, wire_size
-from fedlearn.runtime.base import ClientFailure, Runtime
+from fedlearn.protocol.codec import join_blob, split_blob
+from fedlearn.protocol.messages import Message, SecureReply, SecureTask, TrainResult, TrainTask
+from fedlearn.runtime.base import Runtime
 from fedlearn.seeding import derive_seed
-from fedlearn.strategies.base import Aggregation, Strategy
+from fedlearn.server.collect import Traffic, collect
+from fedlearn.strategies.base import Aggregator, Strategy
 
 log = logging.getLogger(__name__)
 
@@ -55,23 +57,34 @@ class SecAggSettings:
 
 def require_sum_only(strategy: Strategy) -> None:
     """Refuse a strategy that needs individual updates: secure aggregation and HE reveal only the sum."""
-    if strategy.secure_weighting is None:
-        raise ConfigError(f"strategy {strategy.name} needs individual updates and cannot run with secure "
-                          "aggregation or --he; use fedavg, fedprox, fedsgd or --dp central/local")
+    reason = strategy.secure_refusal or (f"{strategy.name} needs each client's update" if strategy.weighting is None
+                                         else None)
+    if reason is not None:
+        raise ConfigError(f"{reason}: it cannot run with secure aggregation or --he, which reveal only the sum; "
+                          "use a mean-based algorithm or --dp central/local")
 
 
 def hidden_sum_request(strategy: Strategy) -> dict[str, Any]:
-    """What every client must know to fold itself into a hidden sum: how to weight, which bits to add."""
-    return {"weighting": strategy.secure_weighting, "extras": list(strategy.secure_extras)}
+    """What every client must know to fold itself into a hidden sum: how to weight, which arrays and bits to add."""
+    return {"weighting": strategy.weighting, "extras": list(strategy.secure_extras), "arrays": list(strategy.uplink)}
+
+
+def _split_sum(strategy: Strategy, loop: Any, total: Any) -> dict[str, torch.Tensor]:
+    """The hidden sum of the joined uplink arrays, cut back into named arrays."""
+    lengths = strategy.expected_arrays(loop.state)
+    vector = torch.as_tensor(total, dtype=torch.float64)
+    out, start = {}, 0
+    for name in strategy.uplink:
+        out[name] = vector[start : start + lengths[name]].clone()
+        start += lengths[name]
+    return out
 
 
 @dataclass
 class SecureRoundOutcome:
     """What the round loop records: who failed, the traffic, and why a round aborted (if it did)."""
 
-    failed: list[str] = field(default_factory=list)
-    bytes_up: int = 0
-    bytes_down: int = 0
+    traffic: Traffic = field(default_factory=Traffic)
     aborted: str | None = None
 
 
@@ -83,20 +96,25 @@ class SecureAggregationRound:
         self.length = length
         self.name = settings.mode
 
+    def collect(self, rnd: int, tasks: list[TrainTask], loop: Any, aggregator: Aggregator) -> tuple[Traffic, str | None]:
+        out = self.run(rnd, tasks, loop.runtime, loop.strategy, aggregator, loop.seed, loop)
+        return out.traffic, out.aborted
+
     def run(self, rnd: int, tasks: Sequence[TrainTask], runtime: Runtime, strategy: Strategy,
-            aggregation: Aggregation, seed: int) -> SecureRoundOutcome:
+            aggregation: Aggregator, seed: int, loop: Any) -> SecureRoundOutcome:
         s = self.settings
         out = SecureRoundOutcome()
         ids = [t.client_id for t in tasks]
         if len(ids) < 2:  # a "sum" of one update is that update: nothing to hide it in
             if ids:
                 out.aborted = f"secure aggregation round {rnd} aborted: only {len(ids)} client sampled"
-                out.failed = list(ids)
+                out.traffic.failed = list(ids)
                 log.warning("round %d: %s", rnd, out.aborted)
             return out
-        uniform = strategy.secure_weighting == "uniform"
+        uniform = strategy.weighting == "uniform"
         extras = tuple(strategy.secure_extras)
-        fixed_point = FixedPoint(s.bits, s.clip, len(ids), 1 if uniform else s.max_weight, self.length,
+        length = sum(strategy.expected_arrays(loop.state).values())
+        fixed_point = FixedPoint(s.bits, s.clip, len(ids), 1 if uniform else s.max_weight, length,
                                  extras=1 + len(extras))
         degree = None if s.mode == "secagg" else (s.neighbours or default_degree(len(ids)))
         threshold = max(2, min(resolve_threshold(s.threshold, len(ids)), len(ids)))
@@ -111,18 +129,15 @@ class SecureAggregationRound:
             train = [replace(by_client[cid], config={**by_client[cid].config,
                                                      "secagg": {**requests[cid], **hidden_sum_request(strategy)}})
                      for cid in requests]
-            out.bytes_down += sum(wire_size(t) for t in train)
-            for answer in runtime.train(train):
-                if isinstance(answer, ClientFailure):
-                    log.warning("round %d: client %s dropped after sharing keys: %s", rnd, answer.client_id,
-                                answer.reason)
-                    continue
-                out.bytes_up += wire_size(answer)
+
+            def accept(task: Message, answer: Message) -> None:
                 try:
                     server.add_input(answer.client_id, _masked_vector(answer, fixed_point),
-                                     answer.protocol.get("secagg_rejected", []))
-                except (ValueError, TypeError) as exc:
-                    log.warning("round %d: rejected masked input: %s", rnd, exc)
+                                     answer.sealed.get("secagg_rejected", []))
+                except (ValueError, TypeError, AttributeError) as exc:
+                    raise InvalidUpdateError(f"masked input from {answer.client_id}: {exc}") from None
+
+            out.traffic += collect(runtime, train, accept, rnd, "masked input")
             requests = server.unmask_requests()
             if server.rejected:
                 log.warning("round %d: relayed shares from %s failed authentication; treated as dropped",
@@ -132,32 +147,33 @@ class SecureAggregationRound:
         except SecAggAborted as exc:
             log.warning("round %d: %s", rnd, exc)
             out.aborted = str(exc)
-            out.failed = sorted(ids)
+            out.traffic.failed = sorted(ids)
             return out
         weighted_sum, total_weight, counts = fixed_point.decode(total, len(server.survivors))
-        aggregation.add_sum(torch.from_numpy(weighted_sum), float(total_weight), len(server.survivors),
+        aggregation.add_sum(_split_sum(strategy, loop, weighted_sum), float(total_weight), len(server.survivors),
                             dict(zip(extras, counts)))
-        out.failed = sorted(set(ids) - set(server.survivors))
+        out.traffic.failed = sorted(set(ids) - set(server.survivors))
         return out
 
     @staticmethod
     def _exchange(runtime: Runtime, rnd: int, stage: str, requests: dict[str, dict[str, Any]],
                   out: SecureRoundOutcome) -> dict[str, dict[str, Any]]:
         tasks = [SecureTask(rnd, cid, stage, data) for cid, data in requests.items()]
-        out.bytes_down += sum(wire_size(t) for t in tasks)
         replies: dict[str, dict[str, Any]] = {}
-        for answer in runtime.exchange(tasks):
-            if isinstance(answer, ClientFailure):
-                log.warning("round %d: client %s dropped at %s: %s", rnd, answer.client_id, stage, answer.reason)
-                continue
-            if isinstance(answer, SecureReply) and answer.stage == stage and answer.client_id in requests:
-                out.bytes_up += wire_size(answer)
-                replies[answer.client_id] = answer.data
+
+        def accept(task: Message, answer: Message) -> None:
+            if not (isinstance(answer, SecureReply) and answer.stage == stage):
+                raise InvalidUpdateError(f"{answer.client_id} did not answer the {stage} step")
+            replies[answer.client_id] = answer.data
+
+        traffic = collect(runtime, tasks, accept, rnd, stage)
+        out.traffic.bytes_up += traffic.bytes_up
+        out.traffic.bytes_down += traffic.bytes_down
         return replies
 
 
 def _masked_vector(result: TrainResult, fixed_point: FixedPoint) -> np.ndarray:
-    payload = result.payload
+    payload = result.arrays.get("masked")
     if not isinstance(payload, torch.Tensor) or payload.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"result from {result.client_id} is not a masked input")
     dtype = mask_dtype(fixed_point.bits)
@@ -183,41 +199,49 @@ class HomomorphicRound:
         self.length = length
         self.key_holder = key_holder
 
+    def collect(self, rnd: int, tasks: list[TrainTask], loop: Any, aggregator: Aggregator) -> tuple[Traffic, str | None]:
+        out = self.run(rnd, tasks, loop.runtime, loop.strategy, aggregator, loop.seed, loop)
+        return out.traffic, out.aborted
+
     def run(self, rnd: int, tasks: Sequence[TrainTask], runtime: Runtime, strategy: Strategy,
-            aggregation: Aggregation, seed: int) -> SecureRoundOutcome:
+            aggregation: Aggregator, seed: int, loop: Any) -> SecureRoundOutcome:
         out = SecureRoundOutcome()
         extras = list(strategy.secure_extras)
         train = [replace(t, config={**t.config, "he": hidden_sum_request(strategy)}) for t in tasks]
-        out.bytes_down += sum(wire_size(t) for t in train)
-        total = he.EncryptedSum(self.context, self.length + 1 + len(extras))
+        length = sum(strategy.expected_arrays(loop.state).values())
+        total = he.EncryptedSum(self.context, length + 1 + len(extras))
         answered: list[str] = []
-        for answer in runtime.train(train):
-            if isinstance(answer, ClientFailure):
-                log.warning("round %d: client %s dropped: %s", rnd, answer.client_id, answer.reason)
-                continue
-            out.bytes_up += wire_size(answer)
+
+        def accept(task: Message, answer: Message) -> None:
             try:
-                total.add(split_blob(answer.payload, answer.protocol.get("chunk_sizes", [])))
-            except (InvalidUpdateError, TypeError, AttributeError) as exc:
-                log.warning("round %d: rejected encrypted update from %s: %s", rnd, answer.client_id, exc)
-                continue
+                total.add(split_blob(answer.arrays.get("ciphertext"), answer.sealed.get("chunk_sizes", [])))
+            except (InvalidUpdateError, TypeError, AttributeError, ValueError) as exc:
+                raise InvalidUpdateError(f"encrypted update from {answer.client_id}: {exc}") from None
             answered.append(answer.client_id)
-        out.failed = sorted(set(t.client_id for t in tasks) - set(answered))
+
+        out.traffic = collect(runtime, train, accept, rnd, "encrypted update")
         if not answered:
             return out
         holder = self.key_holder or answered[0]
         blob, sizes = join_blob(total.serialize())
         request = SecureTask(rnd, holder, "he-decrypt", {"chunk_sizes": sizes, "length": total.length}, blob)
-        out.bytes_down += wire_size(request)
-        reply = next(iter(runtime.exchange([request])), None)
-        if not isinstance(reply, SecureReply) or reply.blob.numel() != total.length:
+        replies: list[SecureReply] = []
+
+        def take(task: Message, reply: Message) -> None:
+            if not isinstance(reply, SecureReply) or reply.blob.numel() != total.length:
+                raise InvalidUpdateError(f"key holder {holder} did not return the decrypted sum")
+            replies.append(reply)
+
+        decrypted = collect(runtime, [request], take, rnd, "decryption")
+        out.traffic.bytes_up += decrypted.bytes_up
+        out.traffic.bytes_down += decrypted.bytes_down
+        if not replies:
             out.aborted = f"key holder {holder} did not return the decrypted sum"
             log.warning("round %d: %s; weights unchanged", rnd, out.aborted)
-            out.failed = sorted(t.client_id for t in tasks)
+            out.traffic.failed = sorted(t.client_id for t in tasks)
             return out
-        out.bytes_up += wire_size(reply)
-        plain = reply.blob.double()
-        counts = [round(float(v)) for v in plain[self.length:]]  # exact integers, decrypted within ~1e-6
-        aggregation.add_sum(plain[: self.length].clone(), float(counts[0]), len(answered),
+        plain = replies[0].blob.double()
+        counts = [round(float(v)) for v in plain[length:]]  # exact integers, decrypted within ~1e-6
+        aggregation.add_sum(_split_sum(strategy, loop, plain[:length]), float(counts[0]), len(answered),
                             dict(zip(extras, counts[1:])))
         return out

@@ -1,26 +1,38 @@
-"""Server algorithms, by name."""
+"""Server algorithms as compositions; importing this package registers every built-in component."""
 
 from __future__ import annotations
 
-from fedlearn.client.config import LocalConfig
-from fedlearn.errors import ConfigError
-from fedlearn.strategies.base import Aggregation, Strategy
+from fedlearn import transforms as _transforms  # noqa: F401,E402  (registers clip and gaussian)
+from fedlearn.client import hooks as _hooks  # noqa: F401  (registers the prox hook)
+from fedlearn.protocol.local import LocalConfig
+from fedlearn.strategies import dp as _dp  # noqa: F401,E402
+from fedlearn.privacy import dpsgd as _dpsgd  # noqa: F401,E402  (registers the dpsgd hook)
+from fedlearn.strategies import optimizers as _optimizers  # noqa: F401
+from fedlearn.strategies.base import Aggregator, MeanAggregator, PoissonSampler, Sampler, ServerState, Strategy
 from fedlearn.strategies.fedavg import FedAvg
+from fedlearn.strategies.fedopt import FedAdagradStrategy, FedAdamStrategy, FedAvgMStrategy, FedYogiStrategy
 from fedlearn.strategies.fedprox import FedProx
 from fedlearn.strategies.fedsgd import FedSGD
-
-ALGORITHMS = ("fedavg", "fedsgd", "fedprox")
-
-
-def build_strategy(name: str, local: LocalConfig | None = None, *, mu: float = 0.01) -> Strategy:
-    """The strategy called ``name`` with the given local hyper-parameters."""
-    if name == "fedavg":
-        return FedAvg(local)
-    if name == "fedsgd":
-        return FedSGD(local)
-    if name == "fedprox":
-        return FedProx(local, mu=mu)
-    raise ConfigError(f"--algorithm must be one of {', '.join(ALGORITHMS)}; got {name!r}")
+from fedlearn.strategies.scaffold import Scaffold
 
 
-__all__ = ["ALGORITHMS", "Aggregation", "FedAvg", "FedProx", "FedSGD", "Strategy", "build_strategy"]
+def build_strategy(name: str, local: LocalConfig | None = None, *, sampler: Sampler | None = None,
+                   **values: object) -> Strategy:
+    """The registered algorithm ``name`` with flat settings (``mu=0.01``, ``server_lr=0.1``, ...), for Python users."""
+    from fedlearn.registry import lookup, make_config
+
+    cls = lookup("strategy", name)
+    return cls.from_values(values, local=local or LocalConfig(), sampler=sampler or Sampler(),
+                           config=make_config("strategy", cls, values))
+
+
+def algorithms() -> tuple[str, ...]:
+    """The registered algorithm names (``--algorithm``)."""
+    from fedlearn.registry import names
+
+    return names("strategy")
+
+
+__all__ = ["Aggregator", "FedAdagradStrategy", "FedAdamStrategy", "FedAvg", "FedAvgMStrategy", "FedProx", "FedSGD",
+           "FedYogiStrategy", "MeanAggregator", "PoissonSampler", "Sampler", "Scaffold", "ServerState", "Strategy",
+           "algorithms", "build_strategy"]

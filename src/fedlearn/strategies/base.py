@@ -1,101 +1,234 @@
-"""The Strategy interface: what the server does in a round, independent of where clients run."""
+"""An algorithm is a composition: sampler + client hooks + transform requests + aggregator + server optimizer.
+
+``Strategy`` wires them: it samples (the sampler is the one source of the rate an accountant
+reads), makes one task per client with named arrays (``weights`` and whatever the algorithm adds),
+starts a streaming ``Aggregator`` per round and hands its result to ``apply``, which by default is
+the server optimizer's step on the aggregated ``update``. Wrappers (central DP, local DP, DP-SGD)
+compose with any strategy by delegating to it.
+"""
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from dataclasses import replace
-from typing import Any
+import math
+from abc import ABC
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
-from fedlearn.client.config import LocalConfig
-from fedlearn.errors import ConfigError
+from fedlearn.errors import CheckpointError, ConfigError, InvalidUpdateError
 from fedlearn.metrics import pool_federated
-from fedlearn.protocol.messages import EvalResult, EvalTask, TrainResult, TrainTask
+from fedlearn.protocol.local import LocalConfig
+from fedlearn.protocol.messages import Arrays, EvalResult, EvalTask, TrainResult, TrainTask
+from fedlearn.registry import NoConfig, build
 from fedlearn.seeding import derive_seed
+from fedlearn.strategies.aggregate import WeightedMean
+from fedlearn.strategies.optimizers import ServerOptimizer, ServerSGD
+from fedlearn.transforms.base import UpdateTransform
 
 
-class Aggregation(ABC):
-    """One round's aggregate, built result by result as the runtime hands them back."""
+@dataclass
+class ServerState:
+    """Everything the server holds between rounds: the global weights and named server-side arrays."""
 
-    @abstractmethod
-    def add(self, result: TrainResult, update: torch.Tensor) -> None:
-        """Fold in one client's decoded update (already checked for size and finiteness)."""
+    weights: torch.Tensor
+    extras: Arrays = field(default_factory=dict)
+    version: int = 0
+
+
+# ----- samplers ----------------------------------------------------------------------------------
+class Sampler:
+    """Which clients take part in a round. ``rate`` and ``kind`` are what a privacy accountant reads."""
+
+    kind: ClassVar[str] = "uniform"
+
+    def __init__(self, fraction: float = 1.0, min_clients: int = 1) -> None:
+        if not 0 < fraction <= 1:
+            raise ConfigError(f"--fraction must be in (0, 1]; got {fraction}")
+        self.fraction = float(fraction)
+        self.min_clients = int(min_clients)
+        self.population = 0
 
     @property
-    @abstractmethod
-    def count(self) -> int:
-        """How many updates were folded in."""
+    def rate(self) -> float:
+        return self.fraction
 
-    @abstractmethod
-    def finish(self) -> torch.Tensor:
-        """The new global weights."""
+    def expected(self) -> float:
+        """The expected number of clients per round for the population last sampled."""
+        return self.rate * self.population
 
-    def add_sum(self, weighted_sum: torch.Tensor, total_weight: float, count: int, extras: dict[str, int]) -> None:
-        """Fold in the securely aggregated sum of ``count`` clients' weighted updates and their summed ``extras``."""
+    def sample(self, client_ids: Sequence[str], rnd: int, seed: int) -> list[str]:
+        """McMahan et al.'s m = max(ceil(C K), min_clients) clients uniformly without replacement, in order."""
+        self.population = len(client_ids)
+        m = min(len(client_ids), max(math.ceil(self.fraction * len(client_ids) - 1e-9), self.min_clients, 1))
+        if m == len(client_ids):
+            return list(client_ids)
+        rng = np.random.default_rng([seed, rnd])
+        return [client_ids[i] for i in np.sort(rng.choice(len(client_ids), size=m, replace=False))]
+
+
+class PoissonSampler(Sampler):
+    """Each client joins a round independently with probability ``rate`` (what DP amplification assumes)."""
+
+    kind = "poisson"
+
+    def __init__(self, rate: float) -> None:
+        super().__init__(rate, 0)
+
+    def sample(self, client_ids: Sequence[str], rnd: int, seed: int) -> list[str]:
+        self.population = len(client_ids)
+        coins = np.random.default_rng([seed, rnd, 0x5EED]).random(len(client_ids))
+        return [cid for cid, coin in zip(client_ids, coins) if coin < self.fraction]
+
+
+# ----- aggregators -------------------------------------------------------------------------------
+class Aggregator(ABC):
+    """One round's aggregate, folded in result by result (streaming: no update is kept)."""
+
+    needs_each_update: ClassVar[bool] = False
+
+    def add(self, result: TrainResult, arrays: Arrays) -> None:
+        """Fold in one client's checked arrays."""
+        raise NotImplementedError
+
+    def add_sum(self, sums: Arrays, total_weight: float, count: int, extras: Mapping[str, int]) -> None:
+        """Fold in a securely aggregated sum of ``count`` clients' weighted arrays and their summed extras."""
         raise ConfigError(f"{type(self).__name__} needs each client's update; it cannot use secure aggregation")
 
+    @property
+    def count(self) -> int:
+        raise NotImplementedError
 
-class Strategy(ABC):
-    """A server algorithm: configures clients' local work and turns their results into new weights.
+    def result(self) -> Arrays:
+        """The aggregated arrays (a mean update, never new weights)."""
+        raise NotImplementedError
 
-    ``local`` holds the hyper-parameters sent to clients each round; subclasses add their own
-    (FedProx's ``mu``) and choose what clients return (updates or gradients).
+
+class MeanAggregator(Aggregator):
+    """The weighted mean of every uplink array: weights n_k (``examples``) or 1 (``uniform``), in float64."""
+
+    def __init__(self, names: Sequence[str], weighting: str = "examples") -> None:
+        self.names = tuple(names)
+        self.weighting = weighting
+        self._means = {name: WeightedMean() for name in self.names}
+        self._count = 0
+
+    def add(self, result: TrainResult, arrays: Arrays) -> None:
+        weight = float(result.num_examples) if self.weighting == "examples" else 1.0
+        for name in self.names:
+            self._means[name].add(arrays[name], weight)
+        self._count += 1
+
+    def add_sum(self, sums: Arrays, total_weight: float, count: int, extras: Mapping[str, int]) -> None:
+        weight = total_weight if self.weighting == "examples" else float(count)
+        for name in self.names:
+            self._means[name].add_sum(sums[name], weight, count)
+        self._count += count
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def result(self) -> Arrays:
+        return {name: mean.mean() for name, mean in self._means.items()}
+
+
+# ----- the strategy ------------------------------------------------------------------------------
+class Strategy:
+    """A federated algorithm assembled from parts; subclasses set what differs (hooks, arrays, apply).
+
+    ``uplink`` names the arrays every client returns and the aggregator averages; ``weighting`` is
+    how they are weighted (``None``: the strategy needs individual updates, so secure aggregation
+    and HE refuse it); ``secure_extras`` are per-client 0/1 metrics summed alongside.
     """
 
-    name = "strategy"
+    name: ClassVar[str] = "strategy"
+    Config: ClassVar[type] = NoConfig
+    default_optimizer: ClassVar[str] = "sgd"
+    mode: ClassVar[str] = "delta"
+    uplink: tuple[str, ...] = ("update",)
+    weighting: str | None = "examples"
+    secure_extras: tuple[str, ...] = ()
+    # Why this strategy cannot run on a hidden sum (secure aggregation, HE), or None when it can.
+    secure_refusal: ClassVar[str | None] = None
     # DP-FedAvg must release a (noised) update even when few or no sampled clients answered,
     # or the number of answers would leak through whether the model changed.
-    aggregates_empty_rounds = False
-    # How clients weight their update inside a secure sum ("examples" or "uniform"); None: the
-    # strategy needs individual updates (robust statistics, per-client accounting) and refuses
-    # secure aggregation and HE. ``secure_extras`` are per-client bits summed alongside.
-    secure_weighting: str | None = None
-    secure_extras: tuple[str, ...] = ()
+    aggregates_empty_rounds: ClassVar[bool] = False
 
-    def __init__(self, local: LocalConfig | None = None) -> None:
-        self.local = local or LocalConfig()
+    def __init__(self, *, config: Any = None, local: LocalConfig | None = None, sampler: Sampler | None = None,
+                 optimizer: ServerOptimizer | None = None) -> None:
+        self.config = config if config is not None else self.Config()
+        validate = getattr(self.config, "validate", None)
+        if validate is not None:  # a config built directly (FedProx(config=...)) is checked too
+            validate()
+        self.local = replace(local or LocalConfig(), mode=self.mode)
+        self.sampler = sampler or Sampler()
+        self.optimizer = optimizer or ServerSGD(ServerSGD.Config())
+        self.transforms: list[UpdateTransform] = []
 
-    def set_local(self, **changes: Any) -> None:
-        """Change the local hyper-parameters for the following rounds (e.g. lr decay)."""
-        known = LocalConfig.__dataclass_fields__
-        unknown = sorted(set(changes) - set(known))
-        if unknown:
-            raise ConfigError(f"unknown local setting {unknown[0]!r}; known: {', '.join(known)}")
-        self.local = replace(self.local, **changes)
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any], *, local: LocalConfig, sampler: Sampler,
+                    config: Any = None) -> Strategy:
+        """Build with the server optimizer named by ``server_optimizer`` (or this algorithm's default)."""
+        name = values.get("server_optimizer") or cls.default_optimizer
+        return cls(config=config, local=local, sampler=sampler, optimizer=build("optimizer", name, values))
 
-    def task_config(self, round: int, client_id: str, seed: int) -> dict[str, Any]:
-        noise_seed = self.local.noise_seed  # tests only: each task gets its own reproducible privacy noise
-        if noise_seed is not None:
-            noise_seed = derive_seed(noise_seed, round, client_id)
-        return replace(self.local, seed=derive_seed(seed, round, client_id), noise_seed=noise_seed).to_dict()
+    # --- what clients are asked to do ---
+    def hooks(self) -> dict[str, dict[str, Any]]:
+        """Client hooks to request, by name with settings."""
+        return {}
 
-    def configure_train(
-        self, round: int, weights: torch.Tensor, client_ids: list[str], seed: int
-    ) -> list[TrainTask]:
-        """One TrainTask per sampled client; all share the same weights tensor (no copies)."""
-        return [TrainTask(round, cid, weights, self.task_config(round, cid, seed)) for cid in client_ids]
+    def task_config(self, rnd: int, client_id: str, seed: int) -> dict[str, Any]:
+        config: dict[str, Any] = replace(self.local, seed=derive_seed(seed, rnd, client_id)).to_dict()
+        config["uplink"] = list(self.uplink)
+        hooks = self.hooks()
+        if hooks:
+            config["hooks"] = hooks
+        if self.transforms:
+            config["transforms"] = [t.request() for t in self.transforms]
+        return config
 
-    @abstractmethod
-    def begin_aggregation(self, round: int, weights: torch.Tensor) -> Aggregation:
-        """Start folding this round's results into new global weights."""
+    def task_arrays(self, state: ServerState) -> Arrays:
+        """The named arrays every task of the round carries (shared tensors: no copies)."""
+        return {"weights": state.weights}
 
-    def configure_evaluate(self, round: int, weights: torch.Tensor, client_ids: list[str]) -> list[EvalTask]:
+    def configure_train(self, rnd: int, state: ServerState, client_ids: Sequence[str], seed: int) -> list[TrainTask]:
+        arrays = self.task_arrays(state)
+        return [TrainTask(rnd, cid, arrays, self.task_config(rnd, cid, seed), state.version) for cid in client_ids]
+
+    def expected_arrays(self, state: ServerState) -> dict[str, int]:
+        """Each uplink array's length, for validating results and sizing uploads."""
+        return {name: state.weights.numel() for name in self.uplink}
+
+    # --- what the server does with the answers ---
+    def aggregator(self, rnd: int, state: ServerState) -> Aggregator:
+        if self.weighting is None:
+            raise ConfigError(f"{self.name} must define its own aggregator")
+        return MeanAggregator(self.uplink, self.weighting)
+
+    def apply(self, state: ServerState, aggregate: Arrays, count: int) -> ServerState:
+        """New server state from the round's aggregate of ``count`` clients: the optimizer's step on the mean update."""
+        return ServerState(self.optimizer.step(state.weights, aggregate["update"]), state.extras, state.version + 1)
+
+    def configure_evaluate(self, rnd: int, state: ServerState, client_ids: Sequence[str]) -> list[EvalTask]:
         config = {"eval_batch_size": self.local.eval_batch_size}
-        return [EvalTask(round, cid, weights, config) for cid in client_ids]
+        arrays = {"weights": state.weights}
+        return [EvalTask(rnd, cid, arrays, config, state.version) for cid in client_ids]
 
-    def aggregate_evaluate(self, results: list[EvalResult]) -> dict[str, float | None]:
-        """Sample-weighted mean loss and accuracy over the clients' test sets; for binary tasks the
-        clients' confusion counts and margin histograms are summed exactly (``fedlearn.metrics``)."""
+    def aggregate_evaluate(self, results: Sequence[EvalResult]) -> dict[str, float | None]:
+        """Sample-weighted means of the clients' metrics; binary tasks' counts and histograms summed exactly."""
+        results = [r for r in results if r.num_examples > 0]
         n = sum(r.num_examples for r in results)
         if n == 0:
             return {}
-        return {
-            "loss": sum(r.loss * r.num_examples for r in results) / n,
-            "accuracy": sum(r.accuracy * r.num_examples for r in results) / n,
-            "num_examples": n,
-            **pool_federated(r.metrics for r in results),
-        }
+        keys = set.intersection(*(set(r.metrics) for r in results)) & {"loss", "accuracy", "mse", "mae", "auc"}
+        out: dict[str, Any] = {k: sum(r.metrics[k] * r.num_examples for r in results) / n for k in sorted(keys)}
+        out["num_examples"] = n
+        pooled = pool_federated(r.metrics for r in results)
+        out.update(pooled)
+        return out
 
     def round_metrics(self) -> dict[str, Any]:
         """Extra fields for this round's metrics row (e.g. the privacy spent so far)."""
@@ -105,9 +238,43 @@ class Strategy(ABC):
         """False when running ``next_round`` would break a limit the strategy keeps (a privacy budget)."""
         return True
 
+    def set_local(self, **changes: Any) -> None:
+        """Change the local hyper-parameters for the following rounds (e.g. lr decay)."""
+        known = LocalConfig.__dataclass_fields__
+        unknown = sorted(set(changes) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown local setting {unknown[0]!r}; known: {', '.join(known)}")
+        self.local = replace(self.local, **{**changes, "mode": self.mode})  # the algorithm fixes the mode
+        self.local.check()
+
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume this strategy after a restart."""
-        return {"local": self.local.to_dict()}
+        return {"local": self.local.to_dict(), "optimizer": self.optimizer.state_dict(),
+                "config": asdict(self.config)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.local = LocalConfig.from_dict(state["local"])
+        try:
+            self.local = LocalConfig.from_dict(state["local"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, TypeError) as exc:
+            raise CheckpointError(f"strategy state is damaged ({exc}); start a new run") from None
+
+
+def check_arrays(result: TrainResult, expected: Mapping[str, int]) -> Arrays:
+    """The result's uplink arrays, each a finite flat float vector of the declared length, or InvalidUpdateError."""
+    arrays = result.arrays
+    if not isinstance(arrays, dict) or set(arrays) != set(expected):
+        got = sorted(arrays) if isinstance(arrays, dict) else type(arrays).__name__
+        raise InvalidUpdateError(f"result from {result.client_id} carries arrays {got}; the round expects "
+                                 f"{sorted(expected)}")
+    for name, length in expected.items():
+        value = arrays[name]
+        if not isinstance(value, torch.Tensor) or value.dtype != torch.float32:
+            raise InvalidUpdateError(f"array {name!r} from {result.client_id} is not a float32 vector")
+        if value.dim() != 1 or value.numel() != length:
+            raise InvalidUpdateError(f"array {name!r} from {result.client_id} has shape {tuple(value.shape)} but "
+                                     f"the model needs a flat vector of {length} values")
+        low, high = torch.aminmax(value)  # NaN propagates; ~20x cheaper than isfinite().all()
+        if not (math.isfinite(low.item()) and math.isfinite(high.item())):
+            raise InvalidUpdateError(f"array {name!r} from {result.client_id} contains NaN or Inf")
+    return arrays

@@ -1,19 +1,22 @@
-"""FedProx (Li et al., 2020): FedAvg whose clients add mu/2 ||w - w_global||^2 to their loss."""
+"""FedProx (Li et al., 2020): FedAvg whose clients add mu/2 ||w - w_global||^2 to their local objective."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict
+from typing import Any
 
-from fedlearn.client.config import LocalConfig
+from fedlearn.client.hooks import ProxHook
+from fedlearn.registry import register
 from fedlearn.strategies.fedavg import FedAvg
 
 
+@register("strategy", "fedprox")
 class FedProx(FedAvg):
-    """Aggregates like FedAvg; the proximal term lives in the client's local objective."""
+    """Aggregates like FedAvg; the proximal term is the client hook ``prox``."""
 
     name = "fedprox"
 
-    def __init__(self, local: LocalConfig | None = None, mu: float = 0.01) -> None:
-        if mu < 0:
-            raise ValueError(f"FedProx mu must be >= 0, got {mu}")
-        super().__init__(replace(local or LocalConfig(), mu=mu))
+    Config = ProxHook.Config
+
+    def hooks(self) -> dict[str, dict[str, Any]]:
+        return {"prox": asdict(self.config)}

@@ -3,27 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
 
-import torch
-
-from fedlearn.client.config import LocalConfig
-from fedlearn.strategies.base import Aggregation, Strategy
-from fedlearn.strategies.fedavg import WeightedUpdateAggregation
+from fedlearn.protocol.messages import Arrays
+from fedlearn.registry import register
+from fedlearn.strategies.base import ServerState, Strategy
+from fedlearn.strategies.optimizers import ServerSGD
 
 
+@register("strategy", "fedsgd")
 class FedSGD(Strategy):
-    """The server applies the step with the configured ``lr``; clients only compute gradients."""
+    """Clients return ``gradient``; the server steps with the local config's ``lr`` (the README's ``--lr``)."""
 
     name = "fedsgd"
-    secure_weighting = "examples"
+    mode = "gradient"
+    uplink = ("gradient",)
 
-    def __init__(self, local: LocalConfig | None = None) -> None:
-        super().__init__(replace(local or LocalConfig(), mode="gradient"))
-
-    def set_local(self, **changes: Any) -> None:
-        super().set_local(**changes)
-        self.local = replace(self.local, mode="gradient")
-
-    def begin_aggregation(self, round: int, weights: torch.Tensor) -> Aggregation:
-        return WeightedUpdateAggregation(weights, -self.local.lr)
+    def apply(self, state: ServerState, aggregate: Arrays, count: int) -> ServerState:
+        step = ServerSGD(replace(ServerSGD.Config(), lr=self.local.lr))
+        return ServerState(step.step(state.weights, -aggregate["gradient"]), state.extras, state.version + 1)

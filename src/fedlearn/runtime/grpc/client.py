@@ -16,12 +16,10 @@ from typing import TypeVar
 
 import grpc
 
-from fedlearn.client.data import ClientData
-from fedlearn.client.secure import SecureClients
-from fedlearn.client.trainer import LocalTrainer
-from fedlearn.errors import FedLearnError, InvalidUpdateError
+from fedlearn.client.app import ClientApp, TaskRefused
+from fedlearn.errors import FedLearnError
 from fedlearn.privacy.secagg.client import SecAggProtocolError
-from fedlearn.protocol.messages import EvalTask, SecureTask, TrainTask, decode, encode
+from fedlearn.protocol.codec import decode, encode
 from fedlearn.runtime.grpc import fedlearn_pb2 as pb
 from fedlearn.runtime.grpc import fedlearn_pb2_grpc as pb_grpc
 from fedlearn.runtime.grpc.auth import CLIENT_ID_HEADER
@@ -58,13 +56,12 @@ class Backoff:
 class RemoteClient:
     """Serves one client's data to a FedLearn server until the run finishes (or ``stop`` is set)."""
 
-    def __init__(self, target: str, client_id: str, trainer: LocalTrainer, data: ClientData, *,
+    def __init__(self, target: str, client_id: str, app: ClientApp, *,
                  credentials: grpc.ChannelCredentials | None = None, token: str | None = None,
                  poll_seconds: float = 10.0, rpc_timeout: float = 120.0, max_backoff: float = 30.0,
                  give_up_after: float | None = None, stop: threading.Event | None = None) -> None:
         self.target, self.client_id = target, client_id
-        self.trainer, self.data = trainer, data
-        self.secure = SecureClients()  # this client's secure-aggregation secrets, one round at a time
+        self.app = app  # the one client entry point, as in every other runtime
         self.credentials = credentials
         self.metadata = [(CLIENT_ID_HEADER, client_id)] + ([("authorization", f"Bearer {token}")] if token else [])
         self.poll_seconds, self.rpc_timeout = poll_seconds, rpc_timeout
@@ -136,18 +133,10 @@ class RemoteClient:
     def _answer(self, info: pb.TaskInfo) -> None:
         try:
             body = self._download(info)
-            task = decode(body)
-            if isinstance(task, TrainTask):
-                result = self.secure.finish_train(task, self.trainer.fit(task, self.data))
-            elif isinstance(task, SecureTask):
-                result = self.secure.handle(task)
-            elif isinstance(task, EvalTask):
-                result = self.trainer.evaluate(task, self.data)
-            else:
-                raise InvalidUpdateError(f"server sent a {type(task).__name__}, not a task")
+            result = self.app(decode(body))
             self._upload(info.task_id, encode(result))
             self.tasks_done += 1
-        except SecAggProtocolError as exc:  # the server asked for what the protocol forbids: stay silent
+        except (SecAggProtocolError, TaskRefused) as exc:  # asked for what the protocol or policy forbids: silent
             log.warning("task %s refused: %s", info.task_id, exc)
         except grpc.RpcError as exc:
             if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,

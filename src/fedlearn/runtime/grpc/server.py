@@ -20,17 +20,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedlearn.errors import InvalidUpdateError
-from fedlearn.protocol.messages import (
-    EvalResult,
-    EvalTask,
-    Message,
-    SecureReply,
-    SecureTask,
-    TrainResult,
-    TrainTask,
-    decode,
-    encode,
-)
+from fedlearn.protocol.codec import decode, encode
+from fedlearn.protocol.messages import EvalResult, EvalTask, Message, SecureReply, SecureTask, TrainResult, TrainTask
 from fedlearn.protocol.params import ParamSpec
 from fedlearn.runtime.base import ClientFailure
 from fedlearn.runtime.grpc import fedlearn_pb2 as pb
@@ -58,6 +49,8 @@ class _Task:
     result_size: int = 0
     closed: bool = False  # answered, expired or refused: no further upload is accepted
     stage: str = ""  # a secure-aggregation step's name (SecureTask.stage)
+    uplink: tuple[str, ...] = ()  # the arrays a train result must carry (declared by the task)
+    max_bytes: int = 0
 
 
 @dataclass
@@ -86,8 +79,9 @@ class GrpcRuntime:
         self._clients: dict[str, _ClientState] = {}
         self._tasks: dict[str, _Task] = {}
         self._uploads: dict[tuple[str, str], Assembly] = {}
-        # float32 updates; secure aggregation's 64-bit sums and CKKS ciphertexts are larger per value
-        self.max_upload_bytes = int(spec.numel * bytes_per_value) + HEADER_SLACK
+        # float32 updates; secure aggregation's 64-bit sums and CKKS ciphertexts are larger per value.
+        # A result may be as large as the arrays its task declares (SCAFFOLD: two model-sized vectors).
+        self.bytes_per_value = bytes_per_value
 
     # ----- the Runtime side, called by the round loop -------------------------------------
     def client_ids(self) -> list[str]:
@@ -106,14 +100,12 @@ class GrpcRuntime:
             with self._cv:
                 self._cv.wait(timeout=poll)
 
-    def train(self, tasks: Sequence[TrainTask]) -> Iterator[TrainResult | ClientFailure]:
-        return self._dispatch(tasks, "train")
-
-    def evaluate(self, tasks: Sequence[EvalTask]) -> Iterator[EvalResult | ClientFailure]:
-        return self._dispatch(tasks, "evaluate")
-
-    def exchange(self, tasks: Sequence[SecureTask]) -> Iterator[SecureReply | ClientFailure]:
-        return self._dispatch(tasks, "secure")
+    def deliver(self, tasks: Sequence[Message]) -> Iterator[Message | ClientFailure]:
+        kinds = {type(t) for t in tasks}
+        if len(kinds) > 1:
+            raise ValueError("deliver one kind of task at a time")
+        kind = {TrainTask: "train", EvalTask: "evaluate", SecureTask: "secure"}[kinds.pop()] if tasks else "train"
+        return self._dispatch(tasks, kind)
 
     def _dispatch(self, tasks: Sequence[Message], kind: str) -> Iterator:
         entries = []
@@ -122,8 +114,10 @@ class GrpcRuntime:
             self._forget_before(min(t.round for t in tasks) - 1)
         for task in tasks:  # offer each task as soon as it is encoded: downloads overlap the encoding
             body = encode(task, shared)
+            uplink = tuple(task.config.get("uplink", ("update",))) if isinstance(task, TrainTask) else ()
             entry = _Task(f"{task.round}-{kind}-{task.client_id}-{uuid.uuid4().hex[:12]}", task.client_id, kind,
-                          task.round, body, digest(body), stage=getattr(task, "stage", ""))
+                          task.round, body, digest(body), stage=getattr(task, "stage", ""), uplink=uplink,
+                          max_bytes=int(self.spec.numel * self.bytes_per_value * max(len(uplink), 1)) + HEADER_SLACK)
             entries.append(entry)
             with self._cv:
                 self._tasks[entry.task_id] = entry
@@ -220,11 +214,11 @@ class GrpcRuntime:
         for chunk in stream:
             if assembly is None:
                 entry = self._open_task_for_upload(client_id, chunk.transfer_id)
-                if chunk.total_size > self.max_upload_bytes:
+                if chunk.total_size > entry.max_bytes:
                     raise AuthError(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"result of {chunk.total_size} bytes is larger than this model's "
-                                    f"{self.max_upload_bytes}; send an update of {self.spec.numel} values in this "
-                                    "run's format")
+                                    f"result of {chunk.total_size} bytes is larger than this task's "
+                                    f"{entry.max_bytes}; send the task's arrays ({', '.join(entry.uplink)}) of "
+                                    f"{self.spec.numel} values each in this run's format")
                 with self._cv:
                     key = (client_id, entry.task_id)
                     assembly = self._uploads.get(key)
@@ -288,10 +282,14 @@ class GrpcRuntime:
             raise AuthError(grpc.StatusCode.INVALID_ARGUMENT, f"reply is for stage {result.stage!r}, the task was "
                             f"{entry.stage!r}")
         # Masked or encrypted payloads are not plain vectors; the secure round checks them itself.
-        if isinstance(result, TrainResult) and not result.protocol and (
-                result.payload.dim() != 1 or result.payload.numel() != self.spec.numel):
-            raise AuthError(grpc.StatusCode.INVALID_ARGUMENT,
-                            f"update has shape {tuple(result.payload.shape)}; the model needs {self.spec.numel} values")
+        if isinstance(result, TrainResult) and not result.sealed:
+            if set(result.arrays) != set(entry.uplink):
+                raise AuthError(grpc.StatusCode.INVALID_ARGUMENT, f"result carries arrays {sorted(result.arrays)}; "
+                                f"the task declared {sorted(entry.uplink)}")
+            for name, value in result.arrays.items():
+                if value.dim() != 1 or value.numel() != self.spec.numel:
+                    raise AuthError(grpc.StatusCode.INVALID_ARGUMENT, f"array {name!r} has shape "
+                                    f"{tuple(value.shape)}; the model needs {self.spec.numel} values")
         with self._cv:
             if entry.closed or entry.accepted:
                 raise AuthError(grpc.StatusCode.FAILED_PRECONDITION, f"task {entry.task_id} is no longer open")

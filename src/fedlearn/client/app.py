@@ -1,0 +1,154 @@
+"""The one client entry point: every runtime hands a ClientApp its tasks, so a task gets the same answer
+in-process, over gRPC and on any later runtime.
+
+A train task runs in three parts: *prepare* (the client's data, state and the hooks the task asks
+for), the *step* (local SGD with the hooks' pure gradient maths, in ``LocalTrainer``) and *finish*
+(the update, the client's transforms in order, masking or encryption last, and the new client
+state). Privacy transforms are the client's own decision: a task may request them, the client's
+``ClientPolicy`` adds what it requires and refuses a request weaker than its policy. Privacy noise
+comes from the OS's CSPRNG unless the simulation-only ``seeded_privacy`` seed is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from fedlearn.client.data import ClientData
+from fedlearn.client.hooks import TrainHook, build_hooks
+from fedlearn.client.secure import SecureClients
+from fedlearn.client.state import ClientStateStore
+from fedlearn.client.trainer import LocalTrainer
+from fedlearn.errors import FedLearnError, InvalidUpdateError
+from fedlearn.protocol.messages import EvalResult, EvalTask, Message, SecureTask, TrainResult, TrainTask
+from fedlearn.seeding import derive_seed
+from fedlearn.transforms.base import TransformContext, UpdateTransform, build_transforms
+
+log = logging.getLogger(__name__)
+
+
+class TaskRefused(FedLearnError):
+    """The client will not run this task (it asks for less privacy than the client's policy, or is malformed)."""
+
+
+@dataclass
+class ClientPolicy:
+    """What a client requires whatever the server asks: privacy transforms and hooks with minimum settings."""
+
+    transforms: list[UpdateTransform] = field(default_factory=list)
+    hooks: dict[str, TrainHook] = field(default_factory=dict)
+
+    def pipeline(self, requested: list[UpdateTransform]) -> list[UpdateTransform]:
+        """The transforms to apply: the requested ones (refusing any weaker than the policy), then the
+        policy's own that the task did not request, in the policy's order."""
+        by_name = {t.name: t for t in self.transforms}
+        for t in requested:
+            own = by_name.get(t.name)
+            if own is not None and t.weaker_than(own):
+                raise TaskRefused(f"task asks for {t.request()}, weaker than this client's policy {own.request()}")
+        names = {t.name for t in requested}
+        return [*requested, *(t for t in self.transforms if t.name not in names)]
+
+    def train_hooks(self, requested: list[TrainHook]) -> list[TrainHook]:
+        """The requested hooks, checked against the policy's; the policy's own are added when not requested."""
+        names = {type(h).registered_name: h for h in requested}
+        for name, own in self.hooks.items():
+            asked = names.get(name)
+            weaker = getattr(asked, "weaker_than", None)
+            if asked is not None and weaker is not None and weaker(own):
+                raise TaskRefused(f"task asks for hook {name} weaker than this client's policy")
+            if asked is None:
+                requested = [*requested, own]
+        return requested
+
+
+class ClientApp:
+    """Answers tasks for the clients whose data it holds (one in a deployment, all in a simulation)."""
+
+    def __init__(self, trainer: LocalTrainer, clients: Mapping[str, ClientData], *,
+                 state: ClientStateStore | None = None, secure: SecureClients | None = None,
+                 policy: ClientPolicy | None = None, seeded_privacy: int | None = None,
+                 commit_state: bool = False) -> None:
+        self.trainer = trainer
+        self.clients = dict(clients)
+        self.state = state if state is not None else ClientStateStore()
+        self.secure = secure or SecureClients()
+        self.policy = policy or ClientPolicy()
+        self.seeded_privacy = seeded_privacy
+        self.commit_state = commit_state  # a deployed client persists its state after every task
+
+    def client_ids(self) -> list[str]:
+        return list(self.clients)
+
+    def __call__(self, task: Message) -> Message:
+        """The answer to one task; TaskRefused or another FedLearnError when the client will not answer."""
+        if isinstance(task, TrainTask):
+            return self.train(task)
+        if isinstance(task, EvalTask):
+            return self.evaluate(task)
+        if isinstance(task, SecureTask):
+            return self.secure.handle(task)
+        raise InvalidUpdateError(f"server sent a {type(task).__name__}, not a task")
+
+    def _data(self, client_id: str) -> ClientData:
+        data = self.clients.get(client_id)
+        if data is None:
+            raise TaskRefused(f"task for client {client_id!r}, which this process does not host")
+        return data
+
+    def _generator(self, task: TrainTask, purpose: str) -> torch.Generator:
+        seed = secrets.randbits(63) if self.seeded_privacy is None else derive_seed(
+            self.seeded_privacy, task.round, task.client_id, purpose)
+        return torch.Generator().manual_seed(seed)
+
+    def prepare(self, task: TrainTask) -> tuple[ClientData, list[TrainHook], list[UpdateTransform]]:
+        """The client's data and the hooks and transforms it will run for ``task`` (its policy applied)."""
+        data = self._data(task.client_id)
+        hooks = self.policy.train_hooks(build_hooks(task.config.get("hooks")))
+        transforms = self.policy.pipeline(build_transforms(task.config.get("transforms")))
+        for hook in hooks:
+            if hasattr(hook, "attach"):
+                hook.attach(self._generator(task, "hook-noise"))
+        return data, hooks, transforms
+
+    def train(self, task: TrainTask) -> TrainResult:
+        """Prepare, train, finish: the result that leaves the client."""
+        data, hooks, transforms = self.prepare(task)
+        outcome = self.trainer.fit(task, data, hooks, self.state.get(task.client_id))
+        arrays, metrics = outcome.arrays, outcome.metrics
+        ctx = TransformContext(task.client_id, task.round,
+                               self._generator(task, "noise") if transforms else None)
+        for transform in transforms:
+            arrays = transform.client(arrays, metrics, ctx)
+        result = TrainResult(task.round, task.client_id, outcome.num_examples, arrays, metrics,
+                             model_version=task.model_version)
+        if "he" in task.config or "secagg" in task.config:
+            result = self.secure.seal(task, result, self._rounding(task))
+        if outcome.state:
+            self.state.put(task.client_id, outcome.state, task.round)
+            if self.commit_state:
+                self.state.commit()
+                self.state.prune()  # only the latest is ever read back: one file per round would fill the disk
+        return result
+
+    def _rounding(self, task: TrainTask) -> np.random.Generator:
+        # Stochastic rounding must be unbiased, not secret; seeded per (round, client) when the run is seeded.
+        seed = secrets.randbits(63) if self.seeded_privacy is None else derive_seed(
+            self.seeded_privacy, task.round, task.client_id, "secagg-rounding")
+        return np.random.default_rng(seed)
+
+    def evaluate(self, task: EvalTask) -> EvalResult:
+        """The task's weights scored on the client's test data; a client without any answers with 0 examples."""
+        n, metrics = self.trainer.evaluate(task, self._data(task.client_id))
+        return EvalResult(task.round, task.client_id, n, metrics)
+
+
+def answer_all(app: ClientApp, tasks: Sequence[Message]):
+    """Yield the app's answer to each task in order (the in-process runtime's delivery)."""
+    for task in tasks:
+        yield app(task)
