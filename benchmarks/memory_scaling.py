@@ -1,4 +1,4 @@
-"""Peak memory of an in-process FedAvg simulation as the number of clients grows, total data fixed.
+"""Peak memory of an in-process simulation as the number of clients grows, total data fixed.
 
 The claim under test (DESIGN.md principle 7, issue goal): the in-process runtime reuses one model
 instance for all clients, and clients hold only index tensors into one shared data tensor, so
@@ -14,24 +14,39 @@ few tens of MiB from run to run), which reports:
 - rss_after_import: VmRSS after importing torch and fedlearn
 - rss_after_setup: VmRSS after building data, clients, model, runtime and round loop (before training)
 - rss_end / peak_rss: VmRSS and ru_maxrss (the high-water mark) after training
+- wall and CPU seconds (user + system) of the whole child and of training, and /proc/loadavg at its
+  start and end (the machine is shared)
 
-Built from the low-level parts (LocalTrainer, ClientData over Subset index tensors,
-InProcessRuntime, RoundLoop, FedAvg). With ``--seed-api`` it also measures the seed API
-(FedClient/FedServer) where every FedClient is given its own nn.Module, as the seed example does,
-and the same API with one model instance shared by all FedClients.
+Built from the low-level parts (LocalTrainer, ClientData over Subset index tensors, ClientApp,
+InProcessRuntime, RoundLoop, a strategy from build_strategy with a uniform Sampler). With
+``--seed-api`` it also measures the seed API (FedClient/FedServer) where every FedClient is given
+its own nn.Module, as the seed example does, and the same API with one model instance shared by
+all FedClients.
+
+``--algorithm scaffold`` runs SCAFFOLD instead of FedAvg: every client keeps a model-sized control
+variate (6.35 MiB for mcmahan-cnn) in a ``ClientStateStore`` spilled to a folder (only an LRU of its
+``max_cached`` entries stays in RAM; ``--state-cache`` sets it, default the store's 64), passed to
+both the ClientApp and the RoundLoop, and the loop checkpoints every round (state files first, then
+the server checkpoint, then superseded files pruned). After each round's checkpoint the child lists
+the state folder and counts the files written (new, or rewritten: inode or mtime changed) and
+removed, and checks that the written ones are exactly the files of the clients trained that round.
 
     python benchmarks/memory_scaling.py            # writes benchmarks/results/memory_scaling.json
     python benchmarks/memory_scaling.py --quick    # smaller smoke run, writes nothing unless --output
     python benchmarks/memory_scaling.py --seed-api # adds the FedServer/FedClient measurements
+    python benchmarks/memory_scaling.py --algorithm scaffold --repeats 1
+                                                   # writes benchmarks/results/memory_scaling_scaffold.json
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -55,26 +70,63 @@ def peak_rss_kib() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def loadavg() -> list[float]:
+    """The 1, 5 and 15 minute load averages (the machine is shared: they say how busy it was)."""
+    return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
+
+
+def state_files(directory: Path) -> dict[str, tuple[int, int, int]]:
+    """(inode, mtime_ns, size) of every file in the client state folder, by name."""
+    out = {}
+    for path in directory.iterdir():
+        st = path.stat()
+        out[path.name] = (st.st_ino, st.st_mtime_ns, st.st_size)
+    return out
+
+
+def state_file_name(client_id: str, version: int) -> str:
+    """The name ClientStateStore gives a committed entry: ``<sha256(client id)[:32]>-<version>.pt``."""
+    return f"{hashlib.sha256(client_id.encode()).hexdigest()[:32]}-{version}.pt"
+
+
 # --------------------------------------------------------------------------------------------
 # Child: one configuration, measured in a fresh process
 # --------------------------------------------------------------------------------------------
 
 def child(spec: dict) -> dict:
+    wall0, load0 = time.perf_counter(), loadavg()
     import torch
 
-    from fedlearn.client.config import LocalConfig
+    from fedlearn.client.app import ClientApp
     from fedlearn.client.data import ClientData
+    from fedlearn.client.state import ClientStateStore
     from fedlearn.client.trainer import LocalTrainer
     from fedlearn.data.arrays import ArrayDataset
     from fedlearn.models import build_model
+    from fedlearn.protocol.local import LocalConfig
     from fedlearn.protocol.params import ModelVector
     from fedlearn.runtime.inprocess import InProcessRuntime
     from fedlearn.server.evaluation import CentralEvaluator
     from fedlearn.server.loop import RoundLoop
-    from fedlearn.strategies import FedAvg
+    from fedlearn.strategies import Sampler, build_strategy
+
+    class RecordingApp(ClientApp):
+        """A ClientApp that notes which clients it trained, to check what each checkpoint wrote."""
+
+        touched: set[str]
+
+        def train(self, task):
+            self.touched.add(task.client_id)
+            return super().train(task)
 
     torch.set_num_threads(spec["threads"])
-    out: dict = {"rss_after_import": vm_rss_kib(), "peak_after_import": peak_rss_kib()}
+    out: dict = {"rss_after_import": vm_rss_kib(), "peak_after_import": peak_rss_kib(), "loadavg_start": load0}
     t_start = time.perf_counter()
 
     num_clients, total, per_round = spec["clients"], spec["samples"], spec["per_round"]
@@ -88,8 +140,10 @@ def child(spec: dict) -> dict:
     shares = [chunk.clone() for chunk in order.tensor_split(num_clients)]
     local = LocalConfig(local_epochs=1, batch_size=10, lr=0.05)
     fraction = per_round / num_clients
+    algorithm = spec.get("algorithm", "fedavg")
 
     torch.manual_seed(0)
+    workdir = None
     if spec["mode"] == "runtime":
         model = build_model(spec["model"], (1, 28, 28), 10)
         server_model = build_model(spec["model"], (1, 28, 28), 10)
@@ -97,15 +151,53 @@ def child(spec: dict) -> dict:
         clients = {f"client-{i}": ClientData(torch.utils.data.Subset(train, idx)) for i, idx in enumerate(shares)}
         trainer = LocalTrainer(model, "cpu")
         vector = ModelVector(server_model)
+        strategy = build_strategy(algorithm, local, sampler=Sampler(fraction))
+        store = checkpoint = None
+        callbacks = []
+        if algorithm == "scaffold":
+            # Client state spilled to disk, committed by the loop's checkpoint after every round.
+            workdir = tempfile.TemporaryDirectory(prefix="fedlearn-memory-scaling-", dir=spec.get("state_root"))
+            state_dir = Path(workdir.name) / "client_state"
+            checkpoint = Path(workdir.name) / "checkpoint.pt"
+            store = ClientStateStore(state_dir, **({} if spec.get("state_cache") is None
+                                                   else {"max_cached": spec["state_cache"]}))
+            out["state_max_cached"] = store.max_cached
+            app = RecordingApp(trainer, clients, state=store)
+            touched = app.touched = set()
+            rounds_io: list[dict] = []
+            before = [state_files(state_dir)]
+
+            def count_files(row: dict) -> None:  # runs after the round's checkpoint is written
+                after = state_files(state_dir)
+                written = sorted(n for n, st in after.items() if before[0].get(n) != st)
+                expected = sorted(state_file_name(cid, row["round"]) for cid in touched)
+                rounds_io.append({
+                    "round": row["round"], "clients_trained": len(touched), "files_written": len(written),
+                    "files_removed": len(set(before[0]) - set(after)), "files_in_folder": len(after),
+                    "bytes_written": sum(after[n][2] for n in written),
+                    "written_are_the_trained_clients": written == expected,
+                    "store_cached_entries": store.cached_count,
+                })
+                before[0] = after
+                touched.clear()
+
+            callbacks.append(count_files)
+            out["client_state_io"] = rounds_io
+        else:
+            app = ClientApp(trainer, clients)
         loop = RoundLoop(
-            FedAvg(local), InProcessRuntime(trainer, clients), vector.spec, vector.read(),
-            fraction=fraction, seed=0, evaluator=CentralEvaluator(server_model, test, "cpu"),
+            strategy, InProcessRuntime(app), vector.spec, vector.read(), seed=0,
+            evaluator=CentralEvaluator(server_model, test, "cpu"),
+            checkpoint_path=checkpoint, client_state=store, callbacks=callbacks,
         )
         out["num_params"] = vector.spec.numel
         out["rss_after_setup"] = vm_rss_kib()
         out["setup_seconds"] = time.perf_counter() - t_start
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         history = loop.run(spec["rounds"])
+        if store is not None:
+            out["state_folder_bytes_end"] = sum(st[2] for st in state_files(state_dir).values())
+            out["state_clients_end"] = len(store)
     else:
         from fedlearn.core import FedClient, FedServer
 
@@ -120,16 +212,22 @@ def child(spec: dict) -> dict:
         out["num_params"] = server.weights.numel()
         out["rss_after_setup"] = vm_rss_kib()
         out["setup_seconds"] = time.perf_counter() - t_start
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         for _ in range(spec["rounds"]):
             server.train(num_epochs=local.local_epochs, lr=local.lr)
         history = server.history
     out["train_seconds"] = time.perf_counter() - t0
+    out["train_cpu_seconds"] = cpu_seconds() - c0
     out["rss_end"] = vm_rss_kib()
     out["peak_rss"] = peak_rss_kib()
     out["clients_per_round"] = [row["clients_sampled"] for row in history]
     out["final_test_accuracy"] = history[-1]["test_accuracy"]
     out["samples_per_client"] = [int(min(len(s) for s in shares)), int(max(len(s) for s in shares))]
+    if workdir is not None:
+        workdir.cleanup()
+    out["wall_seconds"] = time.perf_counter() - wall0
+    out["cpu_seconds"] = cpu_seconds()  # the whole process, interpreter start and imports included
+    out["loadavg_end"] = loadavg()
     return out
 
 
@@ -163,19 +261,31 @@ def main(argv: list[str] | None = None) -> int:
                              "and with one shared model (10,000 clients)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="fresh processes per runtime configuration (default 3; --quick 1)")
+    parser.add_argument("--algorithm", choices=("fedavg", "scaffold"), default="fedavg",
+                        help="scaffold: per-client control variates in a ClientStateStore spilled to disk, "
+                             "checkpointed every round (default fedavg)")
+    parser.add_argument("--state-cache", type=int, default=None,
+                        help="scaffold: ClientStateStore max_cached (default: the store's own, 64)")
+    parser.add_argument("--state-root", default=None,
+                        help="scaffold: folder for the temporary client-state folders (default: the system temp)")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
 
     if args.child is not None:
         print(json.dumps(child(json.loads(args.child))))
         return 0
+    if args.seed_api and args.algorithm != "fedavg":
+        parser.error("--seed-api measures the FedServer/FedClient API with FedAvg only; leave out --algorithm")
 
     base = {
         "model": args.model or ("seed-cnn" if args.quick else "mcmahan-cnn"),
         "samples": 20_000, "test_samples": 2_000, "per_round": 10,
-        "rounds": args.rounds or (1 if args.quick else 3), "threads": 1,
+        "rounds": args.rounds or (1 if args.quick else 3), "threads": 1, "algorithm": args.algorithm,
     }
-    output = args.output or (None if args.quick else RESULTS / "memory_scaling.json")
+    if args.algorithm == "scaffold":
+        base.update(state_cache=args.state_cache, state_root=args.state_root)
+    default_name = "memory_scaling.json" if args.algorithm == "fedavg" else f"memory_scaling_{args.algorithm}.json"
+    output = args.output or (None if args.quick else RESULTS / default_name)
     args.repeats = args.repeats or (1 if args.quick else 3)
     specs = [{**base, "mode": "runtime", "clients": k} for k in args.clients]
     if args.seed_api:
@@ -190,8 +300,16 @@ def main(argv: list[str] | None = None) -> int:
     for spec in schedule:
         t0 = time.perf_counter()
         r = run_child(spec)
+        r["process_wall_seconds"] = time.perf_counter() - t0
         print(f"  {r['mode']:22s} clients={r['clients']:>6}: setup {mib(r['rss_after_setup']):8.1f} MiB, "
-              f"peak {mib(r['peak_rss']):8.1f} MiB ({time.perf_counter() - t0:.1f} s)", flush=True)
+              f"peak {mib(r['peak_rss']):8.1f} MiB ({r['process_wall_seconds']:.1f} s wall, "
+              f"{r['cpu_seconds']:.1f} s CPU, load {r['loadavg_start'][0]:.2f} -> {r['loadavg_end'][0]:.2f})",
+              flush=True)
+        for io in r.get("client_state_io", []):
+            print(f"      round {io['round']}: {io['clients_trained']} clients trained, {io['files_written']} state "
+                  f"files written ({io['bytes_written'] / 2**20:.1f} MiB), {io['files_removed']} removed, "
+                  f"{io['files_in_folder']} in the folder, {io['store_cached_entries']} entries in RAM; "
+                  f"written = the trained clients' files: {io['written_are_the_trained_clients']}", flush=True)
         runs.setdefault((spec["mode"], spec["clients"]), []).append(r)
     results = []
     for rs in runs.values():
@@ -200,15 +318,17 @@ def main(argv: list[str] | None = None) -> int:
                         "rss_after_setup_all": [r["rss_after_setup"] for r in rs]})
 
     print()
-    print(f"model {base['model']} ({results[0]['num_params']:,} params), {base['samples']:,} train samples, "
+    print(f"{args.algorithm}, model {base['model']} ({results[0]['num_params']:,} params), "
+          f"{base['samples']:,} train samples, "
           f"{base['per_round']} clients/round, {base['rounds']} rounds; RSS in MiB")
     print("median run of each configuration (by peak); min..max of peak over the repeats")
     print(f"{'mode':>22} {'clients':>7} {'import':>8} {'setup':>8} {'end':>8} {'peak':>8} "
-          f"{'peak-imp':>9} {'train s':>8} {'peak range':>17}")
+          f"{'peak-imp':>9} {'train s':>8} {'wall s':>7} {'cpu s':>7} {'peak range':>17}")
     for r in results:
         print(f"{r['mode']:>22} {r['clients']:>7} {mib(r['rss_after_import']):>8.1f} {mib(r['rss_after_setup']):>8.1f} "
               f"{mib(r['rss_end']):>8.1f} {mib(r['peak_rss']):>8.1f} "
               f"{mib(r['peak_rss'] - r['rss_after_import']):>9.1f} {r['train_seconds']:>8.2f} "
+              f"{r['process_wall_seconds']:>7.1f} {r['cpu_seconds']:>7.1f} "
               f"{mib(min(r['peak_rss_all'])):>8.1f}..{mib(max(r['peak_rss_all'])):<8.1f}")
 
     summary: dict = {}
@@ -230,6 +350,19 @@ def main(argv: list[str] | None = None) -> int:
               f"{'MET' if summary['goal_met'] else 'NOT MET'}; above the import baseline: "
               f"{summary['peak_above_import_ratio_10000_over_100']:.3f}; setup cost per extra client: "
               f"{summary['setup_bytes_per_extra_client']:.0f} bytes")
+    io_rows = {r["clients"]: r["client_state_io"] for r in results if r.get("client_state_io")}
+    if io_rows:
+        summary["client_state_files_written_per_round"] = {k: [io["files_written"] for io in v]
+                                                           for k, v in io_rows.items()}
+        summary["client_state_clients_trained_per_round"] = {k: [io["clients_trained"] for io in v]
+                                                             for k, v in io_rows.items()}
+        only_touched = all(io["written_are_the_trained_clients"] for v in io_rows.values() for io in v)
+        summary["checkpoint_writes_only_trained_clients"] = only_touched
+        for k, v in io_rows.items():
+            print(f"{k:>6} clients: state files written per round {[io['files_written'] for io in v]} for "
+                  f"{[io['clients_trained'] for io in v]} clients trained; folder holds "
+                  f"{v[-1]['files_in_folder']} files at the end")
+        print(f"every checkpoint wrote exactly the files of the clients trained that round: {only_touched}")
     own = {r["clients"]: r for r in results if r["mode"] == "seed_api_own_models"}
     if 100 in own and 1_000 in own:
         per_client = (own[1_000]["rss_after_setup"] - own[100]["rss_after_setup"]) * 1024 / 900

@@ -278,6 +278,7 @@ class Task(ABC):
 
     name: ClassVar[str]
     primary_metric: ClassVar[str]
+    reported: ClassVar[tuple[str, ...]] = ("loss", "accuracy")  # the test_* fields every history row carries
     higher_is_better: ClassVar[bool]
     output_unit: ClassVar[str]  # what DatasetBundle.num_classes counts for this task
     scores_type: ClassVar[type[TaskScores]]
@@ -323,6 +324,7 @@ class Multilabel(Task):
 
     name = "multilabel"
     primary_metric = "auc"
+    reported = ("loss", "accuracy", "auc")
     higher_is_better = True
     output_unit = "labels"
     scores_type = MultilabelScores
@@ -343,6 +345,7 @@ class Regression(Task):
 
     name = "regression"
     primary_metric = "mse"
+    reported = ("loss", "mse", "mae")
     higher_is_better = False
     output_unit = "output dimensions"
     scores_type = RegressionScores

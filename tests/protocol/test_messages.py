@@ -497,7 +497,7 @@ LOCAL = LocalConfig(local_epochs=2, batch_size=16, lr=0.1, momentum=0.5, weight_
 
 STRATEGIES = {
     "fedavg": lambda sampler: FedAvg(local=LOCAL, sampler=sampler),
-    "fedprox": lambda sampler: FedProx(FedProx.Config(mu=0.1), local=LOCAL, sampler=sampler),
+    "fedprox": lambda sampler: FedProx(config=FedProx.Config(mu=0.1), local=LOCAL, sampler=sampler),
     "fedsgd": lambda sampler: FedSGD(local=LocalConfig(lr=0.5), sampler=sampler),
     "scaffold": lambda sampler: Scaffold(local=LOCAL, sampler=sampler),
 }

@@ -229,7 +229,7 @@ def test_same_seed_gives_identical_history_and_weights() -> None:
 
 @pytest.mark.parametrize(
     "make_strategy",
-    [lambda: FedAvg(local=LOCAL), lambda: FedProx(FedProx.Config(mu=0.1), local=LOCAL),
+    [lambda: FedAvg(local=LOCAL), lambda: FedProx(config=FedProx.Config(mu=0.1), local=LOCAL),
      lambda: FedSGD(local=LocalConfig(lr=0.5)), lambda: Scaffold(local=LOCAL)],
     ids=["fedavg", "fedprox", "fedsgd", "scaffold"],
 )

@@ -124,8 +124,9 @@ def serve(
     try:
         experiment.loop.run(config.rounds)  # the one driver: it asks the strategy before every round
         summary = finish_run(experiment, run_dir, time.perf_counter() - start)
-        log.info("finished %d rounds: final accuracy %s; model in %s", summary["rounds"],
-                 summary["final_accuracy"], run_dir.path)
+        metric = summary["final_metric"]
+        log.info("finished %d rounds: final %s %s; model in %s", summary["rounds"], metric,
+                 summary[f"final_{metric}"], run_dir.path)
         return summary
     except Stopped:
         log.info("stopped after round %d; continue with: fedlearn server --resume %s", experiment.loop.round,

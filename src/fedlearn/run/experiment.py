@@ -19,6 +19,7 @@ from fedlearn.client.secure import SecureClients
 from fedlearn.client.state import ClientStateStore
 from fedlearn.client.trainer import LocalTrainer
 from fedlearn.data import DatasetBundle, label_counts, load_dataset, partition_indices, split_train_test
+from fedlearn.data.datasets import partition_labels
 from fedlearn.errors import ConfigError
 from fedlearn.models import build_model
 from fedlearn.privacy.accountant import calibrate_noise_multiplier, default_delta
@@ -33,6 +34,7 @@ from fedlearn.server.evaluation import CentralEvaluator
 from fedlearn.server.loop import RoundCallback, RoundLoop
 from fedlearn.server.secure import HomomorphicRound, SecAggSettings, SecureAggregationRound, require_sum_only
 from fedlearn.strategies import Strategy
+from fedlearn.tasks import get_task
 from fedlearn.strategies.base import Sampler
 from fedlearn.strategies.dp import DPSGD, CentralDP, LocalDP
 from fedlearn.transforms import Clip, GaussianNoise
@@ -48,6 +50,12 @@ class Experiment:
     partition: list[dict[str, Any]]
     loop: RoundLoop
     model: torch.nn.Module  # the server's copy, holding the global weights after ``load_global``
+    task: str = "classification"
+
+    @property
+    def final_metric(self) -> str:
+        """The metric summary.json reports first: accuracy, AUC (multilabel) or MSE (regression)."""
+        return get_task(self.task).primary_metric
 
     def load_global(self) -> torch.nn.Module:
         """The server's model with the current global weights loaded."""
@@ -57,13 +65,13 @@ class Experiment:
 
 def build_clients(config: RunConfig, bundle: DatasetBundle) -> tuple[dict[str, ClientData], list[dict[str, Any]]]:
     """Partition the training split over clients and give each its own train/test share."""
-    labels = bundle.train.y.numpy()
+    labels, classes = partition_labels(bundle, "train")
     shares = partition_indices(
         labels, config.clients, config.partition, seed=config.seed, alpha=config.alpha,
         shards_per_client=config.shards_per_client, groups=bundle.train_groups,
     )
     natural = config.partition == "natural" and bundle.test_groups is not None
-    test_labels = bundle.test.y.numpy()
+    test_labels, _ = partition_labels(bundle, "test")
     clients: dict[str, ClientData] = {}
     info: list[dict[str, Any]] = []
     for i, share in enumerate(shares):
@@ -84,8 +92,8 @@ def build_clients(config: RunConfig, bundle: DatasetBundle) -> tuple[dict[str, C
             "client_id": client_id,
             "num_train": int(len(train_idx)),
             "num_test": int(len(test_idx)),
-            "label_counts": label_counts(labels, train_idx, bundle.num_classes),
-            "test_label_counts": label_counts(test_lab, test_idx, bundle.num_classes),
+            "label_counts": label_counts(labels, train_idx, classes),
+            "test_label_counts": label_counts(test_lab, test_idx, classes),
         })
     return clients, info
 
@@ -237,6 +245,6 @@ def build_experiment(
         evaluator=evaluator, federated_eval=config.evaluation in ("federated", "both"),
         checkpoint_path=checkpoint_path, callbacks=callbacks,
         sums=secure_round(config, strategy, vector.spec.numel, clients), client_state=state,
-        before_round=before_round,
+        before_round=before_round, reported=get_task(task).reported,
     )
-    return Experiment(config, bundle, clients, info, loop, server_model)
+    return Experiment(config, bundle, clients, info, loop, server_model, task)

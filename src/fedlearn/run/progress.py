@@ -57,8 +57,9 @@ class RunProgress:
         table.add_column("value")
         for key in ("dataset", "model", "algorithm", "clients", "partition", "rounds"):
             table.add_row(key, str(summary[key]))
-        table.add_row("final accuracy", _fmt(summary["final_accuracy"]))
-        table.add_row("best accuracy", _fmt(summary["best_accuracy"]))
+        metric = summary.get("final_metric", "accuracy")
+        table.add_row(f"final {metric}", _fmt(summary.get(f"final_{metric}")))
+        table.add_row(f"best {metric}", _fmt(summary.get(f"best_{metric}")))
         table.add_row("final loss", _fmt(summary["final_loss"]))
         for key in BINARY_KEYS:  # binary tasks only
             if f"final_{key}" in summary:

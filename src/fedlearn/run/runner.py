@@ -51,12 +51,17 @@ def finish_run(experiment: Experiment, run_dir: RunDir, wall_seconds: float) -> 
     """Write the summary, final model and curves; return the summary."""
     history = experiment.loop.history
     last = history[-1] if history else {}
-    accuracies = [r["test_accuracy"] for r in history if r.get("test_accuracy") is not None]
     config = experiment.config
+    metric = experiment.final_metric
+    from fedlearn.tasks import get_task
+
+    values = [r[f"test_{metric}"] for r in history if r.get(f"test_{metric}") is not None]
+    best = (max if get_task(experiment.task).higher_is_better else min)(values) if values else None
     summary = {
-        "final_accuracy": last.get("test_accuracy"),
+        "final_metric": metric,
+        f"final_{metric}": last.get(f"test_{metric}"),
+        f"best_{metric}": best,
         "final_loss": last.get("test_loss"),
-        "best_accuracy": max(accuracies) if accuracies else None,
         "rounds": experiment.loop.round,
         "algorithm": config.algorithm,
         "dataset": config.dataset,
@@ -75,6 +80,10 @@ def finish_run(experiment: Experiment, run_dir: RunDir, wall_seconds: float) -> 
     privacy = getattr(experiment.loop.strategy, "privacy_summary", None)
     if privacy is not None:
         summary.update(privacy())
+    if config.seeded_privacy:
+        summary["private"] = False
+        summary["private_why"] = ("seeded_privacy: noise, masks and rounding came from the run seed (a simulation "
+                                  "switch for reproducible tests); nothing here is private")
     run_dir.finish(summary, experiment.load_global(), history)
     return summary
 

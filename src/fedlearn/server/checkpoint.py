@@ -11,7 +11,7 @@ import torch
 
 from fedlearn.errors import CheckpointError
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: named server arrays, model version, client-state index, composed strategy state
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
@@ -39,7 +39,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several unrelated types for damaged files
         raise CheckpointError(f"checkpoint {path} is damaged ({type(exc).__name__}); start a new run") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise CheckpointError(f"{path} is not a FedLearn checkpoint (format {found}); resume a run directory")
+    if not isinstance(state, dict) or not isinstance(state.get("format"), int):
+        found = type(state).__name__
+        raise CheckpointError(f"{path} is not a FedLearn checkpoint ({found}); resume a run directory")
+    if state["format"] != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is checkpoint format {state['format']}, but this fedlearn reads format "
+                              f"{CHECKPOINT_FORMAT}; resume it with the fedlearn release that wrote it")
     return state

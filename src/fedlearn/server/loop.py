@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
@@ -105,6 +106,7 @@ class RoundLoop:
         scheduler: Any = None,
         client_state: ClientStateStore | None = None,
         before_round: Callable[[int], None] | None = None,
+        reported: tuple[str, ...] = ("loss", "accuracy"),
     ) -> None:
         check_vector(weights, spec)
         self.strategy = strategy
@@ -122,9 +124,12 @@ class RoundLoop:
         self.scheduler = scheduler or SyncRounds()
         self.client_state = client_state
         self.before_round = before_round
+        self.reported = reported  # the task's test_* fields (regression: loss, mse, mae; no accuracy)
         self.round = 0
         self.history: list[dict[str, Any]] = []
         self.round_losses: list[tuple[float, int]] = []
+        self._writer: threading.Thread | None = None
+        self._writer_error: BaseException | None = None
 
     @property
     def weights(self) -> torch.Tensor:
@@ -132,10 +137,13 @@ class RoundLoop:
 
     def run(self, num_rounds: int) -> list[dict[str, Any]]:
         """Run until ``num_rounds`` rounds are complete in total (resumed rounds count), or the strategy stops."""
-        while self.round < num_rounds and self.strategy.can_continue(self.round + 1):
-            if self.before_round is not None:
-                self.before_round(self.round + 1)
-            self.run_round()
+        try:
+            while self.round < num_rounds and self.strategy.can_continue(self.round + 1):
+                if self.before_round is not None:
+                    self.before_round(self.round + 1)
+                self.run_round()
+        finally:
+            self.flush()
         return self.history
 
     def run_round(self) -> dict[str, Any]:
@@ -150,7 +158,7 @@ class RoundLoop:
         self.round = rnd
         self.history.append(row)
         if self.checkpoint_path is not None:
-            self.save(self.checkpoint_path)
+            self.save(self.checkpoint_path, background=True)
         for callback in self.callbacks:
             callback(row)
         return row
@@ -158,6 +166,7 @@ class RoundLoop:
     def apply(self, rnd: int, aggregator: Aggregator, sampled: int, traffic: Traffic,
               aborted: str | None = None) -> dict[str, Any]:
         """Turn the cohort's aggregate into new weights (if enough answered) and build the round's row."""
+        self.flush()  # the previous round's checkpoint is durable before this round's results count
         needed = max(self.min_clients, math.ceil(self.min_fit_fraction * sampled - 1e-9), 1)
         aggregated = aggregator.count >= needed
         if aggregated or self.strategy.aggregates_empty_rounds:
@@ -185,18 +194,16 @@ class RoundLoop:
     def _evaluate(self, rnd: int) -> dict[str, Any]:
         """The row's test fields: central when there is an evaluator, else federated; binary tasks add
         ``test_auc``, ``test_sensitivity``, ``test_specificity``, ``test_balanced_accuracy`` (and ``fed_*``)."""
-        out: dict[str, Any] = {"test_accuracy": None, "test_loss": None}
+        out: dict[str, Any] = {f"test_{k}": None for k in self.reported}
         if self.federated_eval:
             fed = self.evaluate_federated(rnd)
-            for key in ("accuracy", "loss", "mse", "mae"):
-                if key in fed or key in ("accuracy", "loss"):
-                    out[f"fed_{key}"] = fed.get(key)
-                    out[f"test_{key}"] = fed.get(key)
+            for key in self.reported:
+                out[f"fed_{key}"] = out[f"test_{key}"] = fed.get(key)
             out.update({f"fed_{k}": fed[k] for k in FEDERATED_KEYS if k in fed})
             out.update({f"test_{k}": fed[k] for k in BINARY_KEYS if k in fed})
         if self.evaluator is not None:
             central = self.evaluator.score(self.state.weights)
-            out.update({f"test_{k}": v for k, v in central.items() if k in ("accuracy", "loss", "mse", "mae")})
+            out.update({f"test_{k}": central.get(k) for k in self.reported})
             out.update({f"test_{k}": central[k] for k in BINARY_KEYS if k in central})
         return out
 
@@ -232,13 +239,41 @@ class RoundLoop:
             out["client_state"] = self.client_state.state_dict()
         return out
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Checkpoint atomically: client state files first, then the server state that names them."""
+    def save(self, path: str | os.PathLike, *, background: bool = False) -> None:
+        """Checkpoint atomically: client state files first, then the server state that names them.
+
+        With ``background`` the file is written (and fsynced) by a thread while the next round trains;
+        ``apply`` waits for it before the next round's results change the model, so a crash still leaves
+        the previous round's checkpoint or this one.
+        """
+        self.flush()
         if self.client_state is not None:
             self.client_state.commit()
-        save_checkpoint(path, self.state_dict())
-        if self.client_state is not None:
-            self.client_state.prune()
+        state = {**self.state_dict(), "history": list(self.history)}
+
+        def write() -> None:
+            try:
+                save_checkpoint(path, state)
+                if self.client_state is not None:
+                    self.client_state.prune()
+            except BaseException as exc:  # re-raised in the driver's thread by flush()
+                self._writer_error = exc
+
+        if not background:
+            write()
+            self.flush()
+            return
+        self._writer = threading.Thread(target=write, name="fedlearn-checkpoint", daemon=True)
+        self._writer.start()
+
+    def flush(self) -> None:
+        """Wait for a background checkpoint; raise what it raised."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._writer_error is not None:
+            error, self._writer_error = self._writer_error, None
+            raise error
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if ParamSpec.from_dict(state["spec"]) != self.spec:
