@@ -82,10 +82,16 @@ def loadavg() -> list[float]:
 
 
 def state_files(directory: Path) -> dict[str, tuple[int, int, int]]:
-    """(inode, mtime_ns, size) of every file in the client state folder, by name."""
+    """(inode, mtime_ns, size) of every file in the client state folder, by name.
+
+    The loop prunes superseded files in its background checkpoint thread: one may vanish while listed.
+    """
     out = {}
     for path in directory.iterdir():
-        st = path.stat()
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            continue
         out[path.name] = (st.st_ino, st.st_mtime_ns, st.st_size)
     return out
 
@@ -164,21 +170,26 @@ def child(spec: dict) -> dict:
             out["state_max_cached"] = store.max_cached
             app = RecordingApp(trainer, clients, state=store)
             touched = app.touched = set()
+            ever: set[str] = set()
             rounds_io: list[dict] = []
             before = [state_files(state_dir)]
 
-            def count_files(row: dict) -> None:  # runs after the round's checkpoint is written
+            def count_files(row: dict) -> None:
+                # Runs after save(): the state files are committed (synchronously) by then; the server
+                # checkpoint and the pruning of superseded files may still be running in the loop's
+                # writer thread, so only files written (new name, or new inode/mtime) are counted here.
                 after = state_files(state_dir)
                 written = sorted(n for n, st in after.items() if before[0].get(n) != st)
                 expected = sorted(state_file_name(cid, row["round"]) for cid in touched)
                 rounds_io.append({
-                    "round": row["round"], "clients_trained": len(touched), "files_written": len(written),
-                    "files_removed": len(set(before[0]) - set(after)), "files_in_folder": len(after),
+                    "round": row["round"], "clients_trained": len(touched),
+                    "clients_trained_before": len(touched & ever), "files_written": len(written),
                     "bytes_written": sum(after[n][2] for n in written),
                     "written_are_the_trained_clients": written == expected,
                     "store_cached_entries": store.cached_count,
                 })
                 before[0] = after
+                ever.update(touched)
                 touched.clear()
 
             callbacks.append(count_files)
@@ -195,9 +206,12 @@ def child(spec: dict) -> dict:
         out["setup_seconds"] = time.perf_counter() - t_start
         t0, c0 = time.perf_counter(), cpu_seconds()
         history = loop.run(spec["rounds"])
-        if store is not None:
-            out["state_folder_bytes_end"] = sum(st[2] for st in state_files(state_dir).values())
+        if store is not None:  # run() has waited for the last checkpoint and its pruning
+            end = state_files(state_dir)
+            out["state_files_end"] = len(end)
+            out["state_folder_bytes_end"] = sum(st[2] for st in end.values())
             out["state_clients_end"] = len(store)
+            out["checkpoint_bytes"] = checkpoint.stat().st_size
     else:
         from fedlearn.core import FedClient, FedServer
 
@@ -306,10 +320,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['cpu_seconds']:.1f} s CPU, load {r['loadavg_start'][0]:.2f} -> {r['loadavg_end'][0]:.2f})",
               flush=True)
         for io in r.get("client_state_io", []):
-            print(f"      round {io['round']}: {io['clients_trained']} clients trained, {io['files_written']} state "
-                  f"files written ({io['bytes_written'] / 2**20:.1f} MiB), {io['files_removed']} removed, "
-                  f"{io['files_in_folder']} in the folder, {io['store_cached_entries']} entries in RAM; "
+            print(f"      round {io['round']}: {io['clients_trained']} clients trained "
+                  f"({io['clients_trained_before']} had state), {io['files_written']} state files written "
+                  f"({io['bytes_written'] / 2**20:.1f} MiB), {io['store_cached_entries']} entries in RAM; "
                   f"written = the trained clients' files: {io['written_are_the_trained_clients']}", flush=True)
+        if "state_files_end" in r:
+            print(f"      end: {r['state_files_end']} state files ({r['state_folder_bytes_end'] / 2**20:.1f} MiB) "
+                  f"for {r['state_clients_end']} clients with state; server checkpoint "
+                  f"{r['checkpoint_bytes'] / 2**20:.1f} MiB", flush=True)
         runs.setdefault((spec["mode"], spec["clients"]), []).append(r)
     results = []
     for rs in runs.values():
@@ -358,11 +376,16 @@ def main(argv: list[str] | None = None) -> int:
                                                              for k, v in io_rows.items()}
         only_touched = all(io["written_are_the_trained_clients"] for v in io_rows.values() for io in v)
         summary["checkpoint_writes_only_trained_clients"] = only_touched
-        for k, v in io_rows.items():
-            print(f"{k:>6} clients: state files written per round {[io['files_written'] for io in v]} for "
-                  f"{[io['clients_trained'] for io in v]} clients trained; folder holds "
-                  f"{v[-1]['files_in_folder']} files at the end")
-        print(f"every checkpoint wrote exactly the files of the clients trained that round: {only_touched}")
+        one_file_each = all(r["state_files_end"] == r["state_clients_end"] for r in results if "state_files_end" in r)
+        summary["one_state_file_per_client_at_end"] = one_file_each
+        for r in results:
+            if "client_state_io" in r:
+                v = r["client_state_io"]
+                print(f"{r['clients']:>6} clients: state files written per round {[io['files_written'] for io in v]} "
+                      f"for {[io['clients_trained'] for io in v]} clients trained; folder holds "
+                      f"{r['state_files_end']} files for {r['state_clients_end']} clients at the end")
+        print(f"every checkpoint wrote exactly the files of the clients trained that round: {only_touched}; "
+              f"one file per client at the end (superseded ones pruned): {one_file_each}")
     own = {r["clients"]: r for r in results if r["mode"] == "seed_api_own_models"}
     if 100 in own and 1_000 in own:
         per_client = (own[1_000]["rss_after_setup"] - own[100]["rss_after_setup"]) * 1024 / 900

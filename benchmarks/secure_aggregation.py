@@ -32,9 +32,12 @@ from fedlearn.privacy.secagg.client import SecAggClient
 from fedlearn.privacy.secagg.encoding import FixedPoint
 from fedlearn.privacy.secagg.graph import default_degree
 from fedlearn.privacy.secagg.server import SecAggServer, resolve_threshold
-from fedlearn.protocol.messages import SecureReply, SecureTask, TrainResult, TrainTask, wire_size
+from fedlearn.protocol.codec import join_blob, wire_size
+from fedlearn.protocol.messages import SecureReply, SecureTask, TrainResult, TrainTask
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# What SecureAggregationRound adds to every secagg request for FedAvg (server.secure.hidden_sum_request).
+HIDDEN_SUM = {"weighting": "examples", "extras": [], "arrays": ["update"]}
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mnist"
 
 
@@ -58,9 +61,10 @@ def plain_round(n: int, d: int, updates: np.ndarray) -> dict:
     up = 0
     total = np.zeros(d)
     for i in range(n):
-        result = TrainResult(1, f"c{i}", 100, torch.from_numpy(updates[i % len(updates)].astype(np.float32)))
+        update = torch.from_numpy(updates[i % len(updates)].astype(np.float32))
+        result = TrainResult(1, f"c{i}", 100, {"update": update})
         up += wire_size(result)
-        clock.time("server", lambda r=result: total.__iadd__(r.payload.numpy() * r.num_examples))
+        clock.time("server", lambda r=result: total.__iadd__(r.arrays["update"].numpy() * r.num_examples))
     return {"client_s": 0.0, "server_s": clock.server, "up_bytes": up / n, "down_bytes": 0.0}
 
 
@@ -89,11 +93,13 @@ def secagg_round(n: int, d: int, updates: np.ndarray, degree: int | None) -> dic
     rng = np.random.default_rng(0)
     weights = rng.integers(1, 100, n)
     for i, cid in enumerate(ids):
-        down += wire_size(TrainTask(1, cid, torch.empty(0), {"secagg": requests[cid]}))  # protocol part only
+        # Protocol part only (the weights are the same download for every mechanism): the round's secagg
+        # request as SecureAggregationRound sends it, with the hidden-sum fields of plain FedAvg.
+        down += wire_size(TrainTask(1, cid, {}, {"secagg": {**requests[cid], **HIDDEN_SUM}}))
         encoded = clock.time("client", fp.encode, updates[i % len(updates)], int(weights[i]), [], rng)
         masked, rejected = clock.time("client", clients[cid].mask, requests[cid], encoded, 32)
-        up += wire_size(TrainResult(1, cid, 0, torch.from_numpy(masked.view(np.int32)), {},
-                                    {"secagg": True, "secagg_rejected": rejected}))
+        up += wire_size(TrainResult(1, cid, 0, {"masked": torch.from_numpy(masked.view(np.int32))}, {},
+                                    sealed={"secagg": True, "secagg_rejected": rejected}))
         clock.time("server", server.add_input, cid, masked, rejected)
     requests = clock.time("server", server.unmask_requests)
     answers = exchange("secagg-unmask", requests, lambda c, r: clients[c].unmask(r))
@@ -113,8 +119,9 @@ def ckks_round(n: int, d: int, updates: np.ndarray, keys: Path) -> dict:
     up = 0
     for i in range(n):
         chunks = clock.time("client", he.encrypt_vector, public, updates[i % len(updates)])
-        up += wire_size(TrainResult(1, f"c{i}", 0, torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8),
-                                    {}, {"he": True, "chunk_sizes": [len(c) for c in chunks]}))
+        blob, sizes = join_blob(chunks)
+        up += wire_size(TrainResult(1, f"c{i}", 0, {"ciphertext": blob}, {},
+                                    sealed={"he": True, "chunk_sizes": sizes}))
         clock.time("server", total.add, chunks)
     summed = clock.time("server", total.serialize)
     plain = clock.time("key_holder", he.decrypt_vector, secret, summed, d)
@@ -143,25 +150,28 @@ def protocol_table(sizes: list[int], counts: list[int], keys: Path) -> list[dict
     return rows
 
 
-def training_rounds(data_dir: str, keys: Path, repeats: int, modes: list[str]) -> list[dict]:
+def training_rounds(data_dir: str, keys: Path, repeats: int, modes: list[str],
+                    num_clients: int = 100) -> list[dict]:
     """Whole FedAvg rounds, 100 MNIST clients, a 1,010,850-weight MLP: plain and each mechanism, interleaved."""
     from torch import nn
 
-    from fedlearn.client.config import LocalConfig
+    from fedlearn.client.app import ClientApp
     from fedlearn.client.secure import SecureClients
     from fedlearn.client.trainer import LocalTrainer
     from fedlearn.data import load_dataset
+    from fedlearn.protocol.local import LocalConfig
     from fedlearn.run.config import RunConfig
     from fedlearn.run.experiment import build_clients
     from fedlearn.runtime.inprocess import InProcessRuntime
     from fedlearn.server.loop import RoundLoop
     from fedlearn.server.secure import HomomorphicRound, SecAggSettings, SecureAggregationRound
-    from fedlearn.strategies import FedAvg
+    from fedlearn.strategies import Sampler, Strategy, build_strategy
 
-    config = RunConfig(dataset="mnist", data_dir=data_dir, clients=100, partition="iid", client_test_fraction=0.0,
-                       download=False, seed=0).validate()
+    config = RunConfig(dataset="mnist", data_dir=data_dir, clients=num_clients, partition="iid",
+                       client_test_fraction=0.0, download=False, seed=0).validate()
     bundle = load_dataset(config.dataset, config.data_dir, download=False)
     clients, _ = build_clients(config, bundle)
+    n = len(clients)
     local = LocalConfig(local_epochs=1, batch_size=10, lr=0.05)  # McMahan et al.'s E = 1, B = 10
 
     def mlp() -> nn.Module:
@@ -174,25 +184,28 @@ def training_rounds(data_dir: str, keys: Path, repeats: int, modes: list[str]) -
     for mode in modes:
         trainer = LocalTrainer(mlp(), "cpu")
         spec = trainer.vector.spec
+        strategy: Strategy = build_strategy("fedavg", local, sampler=Sampler(1.0))  # every client, every round
         if mode == "plain":
-            secure = None
+            sums = None
         elif mode == "ckks":
-            secure = HomomorphicRound(str(keys / "public.ctx"), spec.numel)
+            sums = HomomorphicRound(str(keys / "public.ctx"), spec.numel)
         else:
-            secure = SecureAggregationRound(SecAggSettings(mode, 2 / 3, 32, 1.0, None, max_weight), spec.numel)
-        runtime = InProcessRuntime(trainer, clients, SecureClients(keys))
-        loops[mode] = RoundLoop(FedAvg(local), runtime, spec, trainer.vector.read(), secure=secure)
+            settings = SecAggSettings(mode, 2 / 3, 32, 1.0, None, max_weight)
+            settings.check(strategy)
+            sums = SecureAggregationRound(settings, spec.numel)
+        runtime = InProcessRuntime(ClientApp(trainer, clients, secure=SecureClients(keys)))
+        loops[mode] = RoundLoop(strategy, runtime, spec, trainer.vector.read(), sums=sums)
     seconds: dict[str, list[float]] = {mode: [] for mode in loops}
     for _ in range(repeats):
         for mode, loop in loops.items():  # interleaved, so a busy moment hurts every mechanism alike
             row = loop.run_round()
             seconds[mode].append(row["seconds"])
-            print(f"training round, n=100, d={loop.spec.numel:,}: {mode:8s} {row['seconds']:6.1f} s, "
+            print(f"training round, n={n}, d={loop.spec.numel:,}: {mode:8s} {row['seconds']:6.1f} s, "
                   f"up {row['bytes_up'] / 1e6:8.1f} MB", flush=True)
     rows = []
     for mode, values in seconds.items():
         median = float(np.median(values))
-        rows.append({"mode": mode, "n": 100, "d": loops[mode].spec.numel, "round_s": values, "median_s": median,
+        rows.append({"mode": mode, "n": n, "d": loops[mode].spec.numel, "round_s": values, "median_s": median,
                      "x_plain": median / float(np.median(seconds["plain"])) if "plain" in seconds else None})
         print(f"{mode:8s} median {median:6.1f} s" + (f" = {rows[-1]['x_plain']:.2f}x plain" if "plain" in seconds
                                                       else ""), flush=True)

@@ -23,6 +23,8 @@ RUN_FLAGS: dict[str, tuple[type, str]] = {
                     "strategies; their own settings follow the prefix rule --server-*, --client-*)"),
     "--task": (str, "classification, multilabel or regression (default: the dataset's)"),
     "--loss": (str, "cross-entropy, bce or mse: the loss (and so the task) to train with"),
+    "--personal-layers": (str, "comma-separated state_dict name patterns (e.g. 'fc2.*') of layers each client "
+                          "keeps to itself: never sent, stored in its client state (FedPer-style)"),
     "--mu": (float, "FedProx proximal coefficient"),
     "--clients": (int, "number of clients"),
     "--fraction": (float, "fraction of clients sampled per round, in (0, 1]"),

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from collections.abc import Iterator, Sequence
 from dataclasses import fields
 
 import pytest
 import torch
 
+from fedlearn.faces.templates import head_from_state
 from fedlearn.faces.config import FaceConfig
 from fedlearn.faces.experiment import FaceRunSettings, run_method
 from fedlearn.faces.model import FaceEmbeddingNet
@@ -94,8 +97,11 @@ def test_only_backbone_vectors_cross_and_no_head_ever_does(method, synthetic_fac
         assert vector.dtype == torch.float32 and vector.shape == (backbone_size,)
 
     # the heads exist on the client side, and not one of their rows appears in any encoded message
-    heads = box.inner.app.trainer.heads.items()
-    assert sorted(cid for cid, _ in heads) == ["party-0", "party-1", "party-2"]
+    store = box.inner.app.state
+    assert store.client_ids() == ["party-0", "party-1", "party-2"]
+    heads = [(cid, head_from_state(store.get(cid), cid, len(split.parties[i]), SETTINGS.embedding_dim,
+                                   replace(SETTINGS.face, templates="learned" if method == "fedavg" else "codebook"),
+                                   secret=0)) for i, cid in enumerate(store.client_ids())]
     for _, head in heads:
         if method == "fedavg":
             assert head.weight.shape == (len(split.parties[0]), SETTINGS.embedding_dim)

@@ -14,7 +14,7 @@ from fedlearn.faces.margin import margin_cross_entropy
 from fedlearn.faces.model import FaceEmbeddingNet
 from fedlearn.faces.split import local_dataset
 from fedlearn.faces.strategy import CodebookFedAvg, PrivateHeadFedAvg
-from fedlearn.faces.templates import HeadStore, pool_rows, public_codebook
+from fedlearn.faces.templates import head_from_state, head_state, pool_rows, public_codebook
 from fedlearn.faces.trainer import PrivateHeadTrainer
 from fedlearn.protocol.local import LocalConfig
 from fedlearn.protocol.messages import EvalTask, TrainTask
@@ -43,18 +43,20 @@ def test_public_codebook_is_orthonormal_and_reproducible():
 
 
 def test_codebook_heads_draw_distinct_rows_from_their_own_pool_only():
-    store = HeadStore(secret=3)
-    rows = {}
+    rows, states = {}, {}
     for pool in range(3):
         face = FaceConfig(templates="codebook", pool=pool, pools=3)
-        head = store.get(f"party-{pool}", 8, 30, face)
+        head = head_from_state({}, f"party-{pool}", 8, 30, face, secret=3)
+        states[pool] = head_state(head)
         rows[pool] = set(head.rows.tolist())
         assert len(rows[pool]) == 8 and rows[pool] <= set(pool_rows(30, pool, 3).tolist())
+        again = head_from_state(states[pool], f"party-{pool}", 8, 30, face, secret=99)
+        assert torch.equal(again.rows, head.rows)  # a stored head is reused, whatever the secret
     assert not (rows[0] & rows[1]) and not (rows[1] & rows[2]) and not (rows[0] & rows[2])
     with pytest.raises(ConfigError, match="pool has 10 rows"):
-        store.get("party-9", 11, 30, FaceConfig(templates="codebook", pool=0, pools=3))
+        head_from_state({}, "party-9", 11, 30, FaceConfig(templates="codebook", pool=0, pools=3), secret=3)
     with pytest.raises(ConfigError, match="keep the template mode"):
-        store.get("party-0", 8, 30, FaceConfig(templates="learned"))
+        head_from_state(states[0], "party-0", 8, 30, FaceConfig(templates="learned"), secret=3)
 
 
 def _task(round_: int, cid: str, weights: torch.Tensor, face: FaceConfig, hooks=None, **local) -> TrainTask:
@@ -67,7 +69,8 @@ def _task(round_: int, cid: str, weights: torch.Tensor, face: FaceConfig, hooks=
 @pytest.mark.parametrize("templates", ["learned", "codebook"])
 def test_trainer_returns_a_backbone_update_and_keeps_the_head(templates, synthetic_faces):
     faces = synthetic_faces(4, 6, size=32)
-    data = ClientData(train=local_dataset(faces, (0, 1, 2, 3)))
+    own = local_dataset(faces, (0, 1, 2, 3))
+    data = ClientData(train=own, test=own)
     backbone = FaceEmbeddingNet(embedding_dim=8, width=2, image_size=32)
     trainer = PrivateHeadTrainer(backbone, device="cpu", secret=1)
     weights = ModelVector(backbone).read()
@@ -77,21 +80,24 @@ def test_trainer_returns_a_backbone_update_and_keeps_the_head(templates, synthet
     update = first.arrays["update"]
     assert update.shape == weights.shape and first.num_examples == 24
     assert update.abs().sum() > 0
-    head = trainer.heads.items()[0][1]
-    before = None if head.weight is None else head.weight.clone()
-    trainer.fit(_task(2, "party-0", weights + update, face), data)
+    assert all(k.startswith("personal/head.") for k in first.state)  # the head is the client's own state
+    before = head_from_state(first.state, "party-0", 4, 8, face, secret=1)
+    second = trainer.fit(_task(2, "party-0", weights + update, face), data, state=first.state)
+    head = head_from_state(second.state, "party-0", 4, 8, face, secret=1)
     if templates == "learned":
-        assert head.weight.shape == (4, 8) and not torch.equal(head.weight, before)  # trained, kept, reused
+        assert head.weight.shape == (4, 8) and not torch.equal(head.weight, before.weight)  # trained, kept, reused
     else:
-        assert head.weight is None and head.rows.shape == (4,)
-    n, metrics = trainer.evaluate(EvalTask(2, "party-0", {"weights": weights}, {"face": face.to_dict()}), data)
+        assert head.weight is None and head.rows.shape == (4,) and torch.equal(head.rows, before.rows)
+    n, metrics = trainer.evaluate(EvalTask(2, "party-0", {"weights": weights}, {"face": face.to_dict()}), data,
+                                  second.state)
     assert n == 24 and 0.0 <= metrics["accuracy"] <= 1.0
 
 
 def test_trainer_learns_its_people(synthetic_faces):
     """Property, fixed seed: twenty local epochs separate four synthetic people almost perfectly."""
     faces = synthetic_faces(4, 6, size=32)
-    data = ClientData(train=local_dataset(faces, (0, 1, 2, 3)))
+    own = local_dataset(faces, (0, 1, 2, 3))
+    data = ClientData(train=own, test=own)
     torch.manual_seed(0)
     backbone = FaceEmbeddingNet(embedding_dim=8, width=2, image_size=32)
     trainer = PrivateHeadTrainer(backbone, device="cpu")
@@ -100,7 +106,7 @@ def test_trainer_learns_its_people(synthetic_faces):
     config = LocalConfig(local_epochs=20, batch_size=8, lr=0.05, momentum=0.9).to_dict()
     result = trainer.fit(TrainTask(1, "p", {"weights": weights}, {**config, "face": face.to_dict()}), data)
     _, score = trainer.evaluate(EvalTask(1, "p", {"weights": weights + result.arrays["update"]},
-                                         {"face": face.to_dict()}), data)
+                                         {"face": face.to_dict()}), data, result.state)
     assert score["accuracy"] >= 0.9
 
 

@@ -119,7 +119,8 @@ class ClientApp:
     def train(self, task: TrainTask) -> TrainResult:
         """Prepare, train, finish: the result that leaves the client."""
         data, hooks, transforms = self.prepare(task)
-        outcome = self.trainer.fit(task, data, hooks, self.state.get(task.client_id))
+        before = self.state.get(task.client_id)
+        outcome = self.trainer.fit(task, data, hooks, before)
         arrays, metrics = outcome.arrays, outcome.metrics
         ctx = TransformContext(task.client_id, task.round,
                                self._generator(task, "noise") if transforms else None)
@@ -129,8 +130,8 @@ class ClientApp:
                              model_version=task.model_version)
         if "he" in task.config or "secagg" in task.config:
             result = self.secure.seal(task, result, self._rounding(task))
-        if outcome.state:
-            self.state.put(task.client_id, outcome.state, task.round)
+        if outcome.state:  # keys this round did not touch are kept
+            self.state.put(task.client_id, {**before, **outcome.state}, task.round)
             if self.commit_state:
                 self.state.commit()
                 self.state.prune()  # only the latest is ever read back: one file per round would fill the disk
@@ -144,7 +145,7 @@ class ClientApp:
 
     def evaluate(self, task: EvalTask) -> EvalResult:
         """The task's weights scored on the client's test data; a client without any answers with 0 examples."""
-        n, metrics = self.trainer.evaluate(task, self._data(task.client_id))
+        n, metrics = self.trainer.evaluate(task, self._data(task.client_id), self.state.get(task.client_id))
         return EvalResult(task.round, task.client_id, n, metrics)
 
 

@@ -16,7 +16,7 @@ from fedlearn.errors import ConfigError, DataError
 from fedlearn.metrics import BinaryScores
 from fedlearn.protocol.local import LocalConfig
 from fedlearn.protocol.messages import Arrays, EvalTask, TrainTask
-from fedlearn.protocol.params import ModelVector
+from fedlearn.protocol.params import ModelVector, is_personal
 from fedlearn.tasks import Task, get_task
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -62,20 +62,32 @@ class LocalTrainer:
 
     ``task`` says what the model predicts (classification, multilabel, regression) and so the
     default loss and the metrics; ``loss`` replaces the training loss (any callable of
-    (outputs, targets) giving a mean).
+    (outputs, targets) giving a mean). ``personal`` names personal layers by state_dict-name
+    patterns (``fc2.*``): they are not in the federated vector, never leave the client, and live in
+    its state store (``personal/<name>``), starting from this model's initial values.
     """
 
     def __init__(self, model: nn.Module, device: str | torch.device | None = None, *,
-                 task: str | Task = "classification", loss: Loss | None = None) -> None:
+                 task: str | Task = "classification", loss: Loss | None = None,
+                 personal: Sequence[str] = ()) -> None:
         self.device = resolve_device(device)
         self.model = model.to(self.device)
-        self.vector = ModelVector(self.model)
+        self.personal = tuple(personal)
+        self.vector = ModelVector(self.model, self.personal)
+        state = self.model.state_dict(keep_vars=True)
+        self._personal = {n: t for n, t in state.items() if is_personal(n, self.personal)}
+        if self.personal and not self._personal:
+            raise ConfigError(f"--personal-layers {','.join(self.personal)} matches no entry of the model; names "
+                              f"look like {', '.join(list(state)[:3])}")
+        self._personal_init = {n: t.detach().to("cpu").clone() for n, t in self._personal.items()}
         self.task = get_task(task) if isinstance(task, str) else task
         if loss is not None and not callable(loss):
             raise ConfigError(f"loss must be callable on (outputs, targets), e.g. torch.nn.MSELoss(); got {loss!r}")
         self.loss: Loss = loss if loss is not None else self.task.loss
         named = dict(self.model.named_parameters())
         self._params = [p for p in self.model.parameters() if p.requires_grad]
+        personal_ids = {id(t) for t in self._personal.values()}
+        self._shared = [p for p in self._params if id(p) not in personal_ids]  # what hooks adjust
         self.layout = self._layout(named)
 
     def _layout(self, named: dict[str, nn.Parameter]) -> ParamLayout:
@@ -85,12 +97,21 @@ class LocalTrainer:
             offsets[name] = (start, start + n)
             start += n
         by_id = {id(p): name for name, p in named.items()}
-        names = [by_id[id(p)] for p in self._params]
+        names = [by_id[id(p)] for p in self._shared]
         missing = [n for n in names if n not in offsets]
         if missing:
             raise ConfigError(f"parameter {missing[0]!r} is not in the model's state_dict; FedLearn federates "
                               "state_dict entries")
-        return ParamLayout(names, [offsets[n] for n in names], [p.shape for p in self._params], spec.numel)
+        return ParamLayout(names, [offsets[n] for n in names], [p.shape for p in self._shared], spec.numel)
+
+    def _load_personal(self, state: Mapping[str, torch.Tensor]) -> None:
+        """This client's personal layers into the shared model instance (its stored ones, or the initial ones)."""
+        with torch.no_grad():
+            for name, tensor in self._personal.items():
+                tensor.copy_(state.get(f"personal/{name}", self._personal_init[name]).to(tensor.device))
+
+    def _personal_state(self) -> Arrays:
+        return {f"personal/{n}": t.detach().to("cpu").clone() for n, t in self._personal.items()}
 
     def fit(self, task: TrainTask, data: ClientData, hooks: Sequence[TrainHook] = (),
             state: Mapping[str, torch.Tensor] | None = None) -> LocalOutcome:
@@ -101,18 +122,23 @@ class LocalTrainer:
         seed_torch(cfg.seed, self.device)
         weights = task.weights
         self.vector.load(weights.to(self.device))
+        state = state or {}
+        if self._personal:
+            self._load_personal(state)
         if cfg.mode == "gradient":
             gradient, loss, n = self._full_gradient(data.train, cfg)
             return LocalOutcome({"gradient": gradient}, n, {"train_loss": loss}, {})
-        ctx = HookContext(task, cfg, state or {}, self.layout, self.device,
-                          [p.detach().clone() for p in self._params] if hooks else [])
+        ctx = HookContext(task, cfg, state, self.layout, self.device,
+                          [p.detach().clone() for p in self._shared] if hooks else [])
         for hook in hooks:
             hook.begin(ctx)
         loss = self._train(data, cfg, hooks, ctx)
         ctx.num_examples = len(data.train)
         for hook in hooks:
-            hook.end(ctx, self._params)
+            hook.end(ctx, self._shared)
         update = self.vector.read().sub_(weights)
+        if self._personal:
+            ctx.new_state.update(self._personal_state())
         return LocalOutcome({"update": update, **ctx.uplink}, len(data.train), {"train_loss": loss, **ctx.metrics},
                             dict(ctx.new_state))
 
@@ -143,10 +169,10 @@ class LocalTrainer:
                 loss.backward()
                 loss_sum += loss.detach() * y.shape[0]
             if adjusting:
-                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._shared]
                 for hook in adjusting:
-                    grads = hook.grads(ctx, self._params, grads)
-                for p, g in zip(self._params, grads):
+                    grads = hook.grads(ctx, self._shared, grads)
+                for p, g in zip(self._shared, grads):
                     p.grad = g
             optimizer.step()
             ctx.steps += 1
@@ -169,11 +195,15 @@ class LocalTrainer:
         model.zero_grad(set_to_none=True)
         return grads, float(loss_sum) / n, n
 
-    def evaluate(self, task: EvalTask, data: ClientData) -> tuple[int, dict[str, float]]:
-        """(examples, metrics) of the task's weights on the client's test data; (0, {}) without any."""
+    def evaluate(self, task: EvalTask, data: ClientData,
+                 state: Mapping[str, torch.Tensor] | None = None) -> tuple[int, dict[str, float]]:
+        """(examples, metrics) of the task's weights (with this client's personal layers) on its test data;
+        (0, {}) without any."""
         if data.test is None or len(data.test) == 0:
             return 0, {}
         self.vector.load(task.weights.to(self.device))
+        if self._personal:
+            self._load_personal(state or {})
         batch_size = LocalConfig.from_dict(task.config).eval_batch_size
         return evaluate_model(self.model, data.test, self.device, batch_size, task=self.task)
 

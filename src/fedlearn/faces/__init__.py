@@ -7,7 +7,7 @@ from fedlearn.faces.metrics import pair_scores, rank_k_identification, roc_auc, 
 from fedlearn.faces.model import FaceEmbeddingNet
 from fedlearn.faces.split import IdentitySplit, gallery_probe_split, party_client_data, split_identities
 from fedlearn.faces.strategy import CodebookFedAvg, PrivateHeadFedAvg
-from fedlearn.faces.templates import HeadStore, public_codebook
+from fedlearn.faces.templates import head_from_state, head_state, public_codebook
 from fedlearn.faces.trainer import PrivateHeadTrainer
 
 __all__ = [
@@ -15,7 +15,8 @@ __all__ = [
     "FaceConfig",
     "FaceEmbeddingNet",
     "FaceImages",
-    "HeadStore",
+    "head_from_state",
+    "head_state",
     "IdentitySplit",
     "PrivateHeadFedAvg",
     "PrivateHeadTrainer",

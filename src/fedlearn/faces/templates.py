@@ -17,6 +17,7 @@ which is exactly what must not leave a party in this setting.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -57,45 +58,43 @@ class PrivateHead:
         return int(self.weight.shape[0] if self.weight is not None else self.rows.shape[0])
 
 
-class HeadStore:
-    """Client-side memory of every party's private head, keyed by client id; nothing here is ever sent.
+MODES = ("learned", "codebook")
 
-    In a deployment each party's process holds only its own entry; the simulation keeps all of them
-    in the one trainer, which lives on the client side of the runtime boundary. ``secret`` seeds the
-    heads' initial values and row choices and stays with the clients.
+
+def head_from_state(state: Mapping[str, torch.Tensor], client_id: str, people: int, dim: int, face: FaceConfig,
+                    secret: int) -> PrivateHead:
+    """The party's head from its client state (``personal/head.*``), created on first use.
+
+    It lives in the client state store like any personal layer: checkpointed with a simulation, in the
+    party's own folder in a deployment, never in a message. ``secret`` seeds a new head's initial values
+    and row choices and stays with the clients. A stored head whose kind or size no longer fits is refused.
     """
+    if "personal/head.weight" in state:
+        head = PrivateHead("learned", weight=state["personal/head.weight"].clone())
+    elif "personal/head.rows" in state:
+        head = PrivateHead("codebook", rows=state["personal/head.rows"].clone())
+    else:
+        head = _create(client_id, people, dim, face, secret)
+    if head.mode != face.templates or head.people != people:
+        raise ConfigError(f"{client_id} already has a {head.mode} head for {head.people} people but this task "
+                          f"asks for {face.templates} with {people}; keep the template mode and data fixed")
+    return head
 
-    def __init__(self, secret: int = 0) -> None:
-        self.secret = secret
-        self._heads: dict[str, PrivateHead] = {}
 
-    def __contains__(self, client_id: str) -> bool:
-        return client_id in self._heads
+def head_state(head: PrivateHead) -> dict[str, torch.Tensor]:
+    """What the client stores of its head (its personal state)."""
+    if head.mode == "learned":
+        return {"personal/head.weight": head.weight.detach().to("cpu")}
+    return {"personal/head.rows": head.rows.to("cpu")}
 
-    def __len__(self) -> int:
-        return len(self._heads)
 
-    def get(self, client_id: str, people: int, dim: int, face: FaceConfig) -> PrivateHead:
-        """The party's head, created on first use; refuses a head whose kind or size no longer fits."""
-        head = self._heads.get(client_id)
-        if head is None:
-            head = self._create(client_id, people, dim, face)
-            self._heads[client_id] = head
-        if head.mode != face.templates or head.people != people:
-            raise ConfigError(f"{client_id} already has a {head.mode} head for {head.people} people but this task "
-                              f"asks for {face.templates} with {people}; keep the template mode and data fixed")
-        return head
-
-    def _create(self, client_id: str, people: int, dim: int, face: FaceConfig) -> PrivateHead:
-        generator = torch.Generator().manual_seed(derive_seed(self.secret, "head", client_id))
-        if face.templates == "learned":
-            return PrivateHead("learned", weight=torch.randn(people, dim, generator=generator) / dim**0.5)
-        size = face.codebook_size or dim
-        pool = pool_rows(size, face.pool, face.pools)
-        if people > len(pool):
-            raise ConfigError(f"{client_id} knows {people} people but its codebook pool has {len(pool)} rows; "
-                              "raise the embedding dimension or use fewer pools")
-        return PrivateHead("codebook", rows=pool[torch.randperm(len(pool), generator=generator)[:people]])
-
-    def items(self) -> list[tuple[str, PrivateHead]]:
-        return list(self._heads.items())
+def _create(client_id: str, people: int, dim: int, face: FaceConfig, secret: int) -> PrivateHead:
+    generator = torch.Generator().manual_seed(derive_seed(secret, "head", client_id))
+    if face.templates == "learned":
+        return PrivateHead("learned", weight=torch.randn(people, dim, generator=generator) / dim**0.5)
+    size = face.codebook_size or dim
+    pool = pool_rows(size, face.pool, face.pools)
+    if people > len(pool):
+        raise ConfigError(f"{client_id} knows {people} people but its codebook pool has {len(pool)} rows; "
+                          "raise the embedding dimension or use fewer pools")
+    return PrivateHead("codebook", rows=pool[torch.randperm(len(pool), generator=generator)[:people]])

@@ -2,7 +2,8 @@
 
 ``PrivateHeadTrainer`` answers the same TrainTask/EvalTask messages as LocalTrainer (so any runtime
 can drive it), but its model is only the embedding backbone: the task's vector and the returned
-update cover the backbone alone. Each party's classifier lives in a HeadStore in client memory.
+update cover the backbone alone. Each party's classifier is personal state in its client state store
+(``personal/head.*``): checkpointed with a simulation, in the party's own folder when deployed, never sent.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from fedlearn.errors import ConfigError, DataError
 from fedlearn.faces.augment import augment_faces
 from fedlearn.faces.config import FaceConfig
 from fedlearn.faces.margin import cosine_logits, margin_cross_entropy
-from fedlearn.faces.templates import HeadStore, PrivateHead, public_codebook
+from fedlearn.faces.templates import PrivateHead, head_from_state, head_state, public_codebook
 from fedlearn.protocol.local import LocalConfig
 from fedlearn.protocol.messages import EvalTask, TrainTask
 
@@ -44,7 +45,7 @@ class PrivateHeadTrainer(LocalTrainer):
 
     def __init__(self, backbone: nn.Module, device: str | torch.device | None = None, secret: int = 0) -> None:
         super().__init__(backbone, device)
-        self.heads = HeadStore(secret)
+        self.secret = secret  # seeds new heads; stays on the client side
         self.embedding_dim = int(getattr(backbone, "embedding_dim", 0))
         self._codebooks: dict[tuple[int, int, int], torch.Tensor] = {}
 
@@ -60,9 +61,11 @@ class PrivateHeadTrainer(LocalTrainer):
         labels = local_labels(data.train, task.client_id)
         seed_torch(cfg.seed, self.device)
         self.vector.load(task.weights.to(self.device))
-        head = self.heads.get(task.client_id, int(labels.max()) + 1, self._dim(data.train), face)
+        head = head_from_state(state or {}, task.client_id, int(labels.max()) + 1, self._dim(data.train), face,
+                               self.secret)
         loss, n = self._train_with_head(data, cfg, face, head, mu)
-        return LocalOutcome({"update": self.vector.read().sub_(task.weights)}, n, {"train_loss": loss}, {})
+        return LocalOutcome({"update": self.vector.read().sub_(task.weights)}, n, {"train_loss": loss},
+                            head_state(head))
 
     def _dim(self, dataset: Dataset) -> int:
         if not self.embedding_dim:
@@ -122,15 +125,17 @@ class PrivateHeadTrainer(LocalTrainer):
         return float(loss_sum) / max(seen, 1), len(data.train)
 
     @torch.no_grad()
-    def evaluate(self, task: EvalTask, data: ClientData) -> tuple[int, dict[str, float]]:
+    def evaluate(self, task: EvalTask, data: ClientData, state=None) -> tuple[int, dict[str, float]]:
         """Closed-set accuracy among the party's own people, scored with its private head (never sent)."""
         face = FaceConfig.from_dict(task.config.get("face", {}))
-        dataset = data.test if data.test is not None else data.train
+        dataset = data.test
+        if dataset is None or len(dataset) == 0:  # as in every trainer: no test data, no score
+            return 0, {}
         self.vector.load(task.weights.to(self.device))
-        if task.client_id not in self.heads:
+        if not any(k.startswith("personal/head.") for k in (state or {})):
             raise ConfigError(f"{task.client_id} has no identity head yet; train it for a round before evaluating")
-        head = self.heads.get(task.client_id, int(local_labels(data.train, task.client_id).max()) + 1,
-                              self._dim(data.train), face)
+        head = head_from_state(state, task.client_id, int(local_labels(data.train, task.client_id).max()) + 1,
+                               self._dim(data.train), face, self.secret)
         weight = head.weight.to(self.device) if head.weight is not None else None
         templates, _ = self._templates(face, head, weight, training=False)
         self.model.eval()

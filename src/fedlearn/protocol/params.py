@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 import torch
 from torch import nn
@@ -24,8 +26,10 @@ class ParamSpec:
     dtypes: tuple[str, ...]
 
     @classmethod
-    def from_module(cls, module: nn.Module) -> ParamSpec:
-        entries = [(n, t) for n, t in module.state_dict().items() if t.is_floating_point()]
+    def from_module(cls, module: nn.Module, personal: Sequence[str] = ()) -> ParamSpec:
+        """The spec of ``module``'s floating state, leaving out entries named by the ``personal`` patterns."""
+        entries = [(n, t) for n, t in module.state_dict().items() if t.is_floating_point()
+                   and not is_personal(n, personal)]
         return cls(
             names=tuple(n for n, _ in entries),
             shapes=tuple(tuple(t.shape) for _, t in entries),
@@ -67,6 +71,11 @@ class ParamSpec:
         return out
 
 
+def is_personal(name: str, patterns: Sequence[str]) -> bool:
+    """True when a state entry's name matches one of the personal-layer patterns (fnmatch, e.g. ``fc2.*``)."""
+    return any(fnmatchcase(name, p) for p in patterns)
+
+
 def check_vector(vector: torch.Tensor, spec: ParamSpec) -> None:
     """Refuse a vector that cannot be this model's weights or update (wrong rank or size)."""
     if vector.dim() != 1 or vector.numel() != spec.numel:
@@ -82,9 +91,9 @@ class ModelVector:
     them in place and ``read`` concatenates them, so a simulation reuses one model for all clients.
     """
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, personal: Sequence[str] = ()) -> None:
         self.module = module
-        self.spec = ParamSpec.from_module(module)
+        self.spec = ParamSpec.from_module(module, personal)
         state = module.state_dict(keep_vars=True)
         self._tensors = [state[name] for name in self.spec.names]
 

@@ -80,6 +80,7 @@ class RunConfig:
     he_key_holder: str | None = None
     task: str | None = None
     loss: str | None = None
+    personal_layers: str | None = None
     seed: int = 0
     threads: int = 1
     device: str = "cpu"

@@ -59,7 +59,7 @@ class Experiment:
 
     def load_global(self) -> torch.nn.Module:
         """The server's model with the current global weights loaded."""
-        ModelVector(self.model).load(self.loop.weights)
+        ModelVector(self.model, personal_patterns(self.config)).load(self.loop.weights)
         return self.model
 
 
@@ -162,6 +162,11 @@ def strategy_for(config: RunConfig) -> Strategy:
                      population=config.clients)
 
 
+def personal_patterns(config: RunConfig) -> tuple[str, ...]:
+    """``--personal-layers`` as a tuple of name patterns (comma-separated)."""
+    return tuple(p.strip() for p in (config.personal_layers or "").split(",") if p.strip())
+
+
 def privacy_seed(config: RunConfig, purpose: str) -> int | None:
     """The seed privacy randomness comes from under the simulation-only seeded-privacy switch, else None."""
     return derive_seed(config.seed, purpose) if config.seeded_privacy else None
@@ -179,7 +184,7 @@ def client_policy(config: RunConfig) -> ClientPolicy:
 def client_app(config: RunConfig, model: torch.nn.Module, clients: dict[str, ClientData], task: str, *,
                state: ClientStateStore | None = None, commit_state: bool = False) -> ClientApp:
     """The ClientApp every runtime calls for this run's clients (all of them in simulation, one in a deployment)."""
-    trainer = LocalTrainer(model, config.device, task=task)
+    trainer = LocalTrainer(model, config.device, task=task, personal=personal_patterns(config))
     return ClientApp(trainer, clients, state=state, secure=SecureClients(config.he_keys),
                      policy=client_policy(config),
                      seeded_privacy=derive_seed(config.seed, "client-privacy") if config.seeded_privacy else None,
@@ -226,7 +231,7 @@ def build_experiment(
     model = initial_model(config, bundle)
     task = config.task_name or bundle.task
     server_model = copy.deepcopy(model)
-    vector = ModelVector(server_model)
+    vector = ModelVector(server_model, personal_patterns(config))
     state: ClientStateStore | None = None
     if runtime is None:
         clients, info = build_clients(config, bundle)
@@ -237,7 +242,8 @@ def build_experiment(
         client_runtime = runtime(config, vector.spec)
     evaluator = None
     if config.evaluation in ("centralized", "both"):
-        evaluator = CentralEvaluator(server_model, bundle.test, config.device, task=task)
+        evaluator = CentralEvaluator(server_model, bundle.test, config.device, task=task,
+                                     personal=personal_patterns(config))
     strategy = strategy_for(config)
     loop = RoundLoop(
         strategy, client_runtime, vector.spec, vector.read(), min_clients=config.min_clients,

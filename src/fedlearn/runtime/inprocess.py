@@ -29,9 +29,10 @@ class InProcessRuntime:
         # Clients that share one test Dataset object (the seed example gives all five the same
         # MNIST test set) get the same answer for the same weights: score it once per batch.
         scored: dict[tuple[int, int], EvalResult] = {}
+        shared_model = not getattr(self.app.trainer, "personal", ())  # personal layers: every client differs
         for task in tasks:
             try:
-                if isinstance(task, EvalTask):
+                if isinstance(task, EvalTask) and shared_model:
                     test = self.app.clients[task.client_id].test if task.client_id in self.app.clients else None
                     key = (id(test), id(task.weights))
                     if test is not None and key in scored:

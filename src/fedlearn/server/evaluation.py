@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -17,9 +18,11 @@ class CentralEvaluator:
     """Scores global weights on ``dataset`` with a model instance the clients never touch."""
 
     def __init__(self, model: nn.Module, dataset: Dataset, device: str | torch.device | None = None,
-                 batch_size: int = 512, *, task: str | Task = "classification") -> None:
+                 batch_size: int = 512, *, task: str | Task = "classification",
+                 personal: Sequence[str] = ()) -> None:
         self.device = resolve_device(device)
-        self.vector = ModelVector(model.to(self.device))
+        # With personal layers the server scores the shared layers with the layers' initial values.
+        self.vector = ModelVector(model.to(self.device), personal)
         self.dataset = dataset
         self.batch_size = batch_size
         self.task = task
