@@ -34,8 +34,8 @@ class PrivateHeadFedAvg(FedAvg):
         """The face settings sent to ``client_id`` (the same for every party here)."""
         return self.face
 
-    def task_config(self, round: int, client_id: str, seed: int) -> dict[str, Any]:
-        return {**super().task_config(round, client_id, seed), "face": self.face_config(client_id).to_dict()}
+    def client_config(self, rnd: int, client_id: str) -> dict[str, Any]:
+        return {"face": self.face_config(client_id).to_dict()}
 
     def configure_evaluate(self, round: int, state: ServerState, client_ids: Sequence[str]) -> list[EvalTask]:
         tasks = super().configure_evaluate(round, state, client_ids)

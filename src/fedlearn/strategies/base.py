@@ -180,8 +180,9 @@ class Strategy:
         """Client hooks to request, by name with settings."""
         return {}
 
-    def task_config(self, rnd: int, client_id: str, seed: int) -> dict[str, Any]:
-        config: dict[str, Any] = replace(self.local, seed=derive_seed(seed, rnd, client_id)).to_dict()
+    def round_config(self) -> dict[str, Any]:
+        """The plain config every task of a round shares: local training, uplink arrays, hook and transform requests."""
+        config: dict[str, Any] = self.local.to_dict()
         config["uplink"] = list(self.uplink)
         hooks = self.hooks()
         if hooks:
@@ -190,13 +191,23 @@ class Strategy:
             config["transforms"] = [t.request() for t in self.transforms]
         return config
 
+    def client_config(self, rnd: int, client_id: str) -> dict[str, Any]:
+        """What one client's task adds to the round's config (nothing by default)."""
+        return {}
+
+    def task_config(self, rnd: int, client_id: str, seed: int) -> dict[str, Any]:
+        """One task's config: the round's, with this (round, client)'s seed and additions."""
+        return {**self.round_config(), "seed": derive_seed(seed, rnd, client_id), **self.client_config(rnd, client_id)}
+
     def task_arrays(self, state: ServerState) -> Arrays:
         """The named arrays every task of the round carries (shared tensors: no copies)."""
         return {"weights": state.weights}
 
     def configure_train(self, rnd: int, state: ServerState, client_ids: Sequence[str], seed: int) -> list[TrainTask]:
         arrays = self.task_arrays(state)
-        return [TrainTask(rnd, cid, arrays, self.task_config(rnd, cid, seed), state.version) for cid in client_ids]
+        shared = self.round_config()  # built once per round; each task adds only its own seed
+        return [TrainTask(rnd, cid, arrays, {**shared, "seed": derive_seed(seed, rnd, cid),
+                                             **self.client_config(rnd, cid)}, state.version) for cid in client_ids]
 
     def expected_arrays(self, state: ServerState) -> dict[str, int]:
         """Each uplink array's length, for validating results and sizing uploads."""
