@@ -27,8 +27,8 @@ from fedlearn.client.data import ClientData
 from fedlearn.client.trainer import LocalTrainer
 from fedlearn.data import DatasetBundle, load_dataset
 from fedlearn.models import build_model
-from fedlearn.protocol.params import ModelVector
 from fedlearn.protocol.local import LocalConfig
+from fedlearn.protocol.params import ModelVector
 from fedlearn.runtime.inprocess import InProcessRuntime
 from fedlearn.server.evaluation import CentralEvaluator
 from fedlearn.server.loop import RoundLoop

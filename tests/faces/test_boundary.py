@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from collections.abc import Iterator, Sequence
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import pytest
 import torch
 
-from fedlearn.faces.templates import head_from_state
 from fedlearn.faces.config import FaceConfig
 from fedlearn.faces.experiment import FaceRunSettings, run_method
 from fedlearn.faces.model import FaceEmbeddingNet
 from fedlearn.faces.split import split_identities
+from fedlearn.faces.templates import head_from_state
 from fedlearn.protocol.codec import decode, encode
 from fedlearn.protocol.messages import EvalResult, EvalTask, Message, TrainResult, TrainTask
 from fedlearn.protocol.params import ParamSpec

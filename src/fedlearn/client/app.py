@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -147,9 +147,3 @@ class ClientApp:
         """The task's weights scored on the client's test data; a client without any answers with 0 examples."""
         n, metrics = self.trainer.evaluate(task, self._data(task.client_id), self.state.get(task.client_id))
         return EvalResult(task.round, task.client_id, n, metrics)
-
-
-def answer_all(app: ClientApp, tasks: Sequence[Message]):
-    """Yield the app's answer to each task in order (the in-process runtime's delivery)."""
-    for task in tasks:
-        yield app(task)

@@ -11,7 +11,7 @@ run it under ``torch.func.vmap`` across clients.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
@@ -20,7 +20,7 @@ from torch import nn
 from fedlearn.errors import ConfigError, InvalidUpdateError
 from fedlearn.protocol.local import LocalConfig
 from fedlearn.protocol.messages import Arrays, TrainTask
-from fedlearn.registry import NoConfig, lookup, make_config, positive, register
+from fedlearn.registry import NoConfig, flag_name, lookup, make_config, positive, register
 
 
 @dataclass
@@ -86,7 +86,8 @@ class TrainHook:
         """The gradients the optimizer applies at this step (pure tensor maths)."""
         return grads
 
-    def batches(self, ctx: HookContext, dataset: Any, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]] | None:
+    def batches(self, ctx: HookContext, dataset: Any,
+                batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]] | None:
         """Replace the trainer's mini-batches (DP-SGD's Poisson sampling); None keeps them."""
         return None
 
@@ -115,22 +116,11 @@ def build_hooks(requests: Any) -> list[TrainHook]:
 
 def _prefixed(cls: type, settings: dict[str, Any]) -> dict[str, Any]:
     """A hook's settings as sent (field names) turned into the registry's flat keys."""
-    from dataclasses import fields
-
-    from fedlearn.registry import flag_name
-
     by_field = {f.name: flag_name("hook", f) for f in fields(cls.Config)}
     unknown = set(settings) - set(by_field)
     if unknown:
         raise ConfigError(f"hook {cls.registered_name!r} has no setting {sorted(unknown)[0]!r}")
     return {by_field[k]: v for k, v in settings.items()}
-
-
-def hook_request(hook_cls: type, config: Any) -> dict[str, Any]:
-    """What a strategy puts into ``config["hooks"][name]`` for a hook built with ``config``."""
-    from dataclasses import asdict
-
-    return asdict(config)
 
 
 @register("hook", "prox")

@@ -110,7 +110,8 @@ class DPSGDHook(TrainHook):
         self.batch_size = batch_size
         return poisson_batches(dataset, batch_size, ctx.local.local_epochs, self.generator, ctx.device)
 
-    def backward(self, ctx: HookContext, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: Loss) -> torch.Tensor:
+    def backward(self, ctx: HookContext, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 loss: Loss) -> torch.Tensor:
         return torch.tensor(private_gradients(
             model, x, y, clip_norm=self.config.clip, noise_multiplier=self.config.noise_multiplier,
             expected_batch=min(self.batch_size, self.n), generator=self.generator, loss=loss))

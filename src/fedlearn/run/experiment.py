@@ -34,9 +34,9 @@ from fedlearn.server.evaluation import CentralEvaluator
 from fedlearn.server.loop import RoundCallback, RoundLoop
 from fedlearn.server.secure import HomomorphicRound, SecAggSettings, SecureAggregationRound, require_sum_only
 from fedlearn.strategies import Strategy
-from fedlearn.tasks import get_task
 from fedlearn.strategies.base import Sampler
 from fedlearn.strategies.dp import DPSGD, CentralDP, LocalDP
+from fedlearn.tasks import get_task
 from fedlearn.transforms import Clip, GaussianNoise
 
 

@@ -96,7 +96,8 @@ class SecureAggregationRound:
         self.length = length
         self.name = settings.mode
 
-    def collect(self, rnd: int, tasks: list[TrainTask], loop: Any, aggregator: Aggregator) -> tuple[Traffic, str | None]:
+    def collect(self, rnd: int, tasks: list[TrainTask], loop: Any,
+                aggregator: Aggregator) -> tuple[Traffic, str | None]:
         out = self.run(rnd, tasks, loop.runtime, loop.strategy, aggregator, loop.seed, loop)
         return out.traffic, out.aborted
 
@@ -199,7 +200,8 @@ class HomomorphicRound:
         self.length = length
         self.key_holder = key_holder
 
-    def collect(self, rnd: int, tasks: list[TrainTask], loop: Any, aggregator: Aggregator) -> tuple[Traffic, str | None]:
+    def collect(self, rnd: int, tasks: list[TrainTask], loop: Any,
+                aggregator: Aggregator) -> tuple[Traffic, str | None]:
         out = self.run(rnd, tasks, loop.runtime, loop.strategy, aggregator, loop.seed, loop)
         return out.traffic, out.aborted
 

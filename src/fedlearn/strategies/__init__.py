@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fedlearn import transforms as _transforms  # noqa: F401,E402  (registers clip and gaussian)
 from fedlearn.client import hooks as _hooks  # noqa: F401  (registers the prox hook)
+from fedlearn.privacy import dpsgd as _dpsgd  # noqa: F401,E402  (registers the dpsgd hook)
 from fedlearn.protocol.local import LocalConfig
 from fedlearn.strategies import dp as _dp  # noqa: F401,E402
-from fedlearn.privacy import dpsgd as _dpsgd  # noqa: F401,E402  (registers the dpsgd hook)
 from fedlearn.strategies import optimizers as _optimizers  # noqa: F401
 from fedlearn.strategies.base import Aggregator, MeanAggregator, PoissonSampler, Sampler, ServerState, Strategy
 from fedlearn.strategies.fedavg import FedAvg

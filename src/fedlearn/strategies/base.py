@@ -10,7 +10,6 @@ compose with any strategy by delegating to it.
 from __future__ import annotations
 
 import math
-from abc import ABC
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar
@@ -84,7 +83,7 @@ class PoissonSampler(Sampler):
 
 
 # ----- aggregators -------------------------------------------------------------------------------
-class Aggregator(ABC):
+class Aggregator:
     """One round's aggregate, folded in result by result (streaming: no update is kept)."""
 
     needs_each_update: ClassVar[bool] = False

@@ -210,8 +210,9 @@ class CentralDP(Wrapper):
         self.accountant.step()  # the release happens whatever the clients answer
         self._round_clip_norm = self.clip_norm
         population = self.population or self.sampler.population
-        self._noisy = NoisySum(self.inner.expected_arrays(state), self.clip_norm, self.noise_multiplier * self.clip_norm,
-                               self.sampler.rate * population, self.generator)
+        std = self.noise_multiplier * self.clip_norm
+        self._noisy = NoisySum(self.inner.expected_arrays(state), self.clip_norm, std, self.sampler.rate * population,
+                               self.generator)
         return self._noisy
 
     def apply(self, state: ServerState, aggregate: Arrays, count: int) -> ServerState:
@@ -233,7 +234,8 @@ class CentralDP(Wrapper):
         return self.inner.can_continue(next_round)
 
     def round_metrics(self) -> dict[str, Any]:
-        return {**self.inner.round_metrics(), "epsilon": self.accountant.epsilon(), "clip_norm": self._round_clip_norm}
+        return {**self.inner.round_metrics(), "epsilon": self.accountant.epsilon(),
+                "clip_norm": self._round_clip_norm}
 
     def privacy_summary(self) -> dict[str, Any]:
         """What summary.json states about the guarantee."""
