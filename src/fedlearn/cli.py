@@ -64,8 +64,8 @@ RUN_FLAGS: dict[str, tuple[type, str]] = {
                         "client, for simulations)"),
     "--seed": (int, "seed for every random choice"),
     "--threads": (int, "torch intra-op threads (1 is fastest for small models on 2 cores)"),
-    "--seeded-privacy": (bool, "SIMULATION ONLY: derive privacy noise, masks and DP sampling from --seed for "
-                         "reproducible tests; the run is then not private (summary.json says so)"),
+    "--seeded-privacy": (bool, "SIMULATION ONLY: derive privacy noise and secure-aggregation rounding from --seed "
+                         "for reproducible tests; the run is then not private (summary.json says so)"),
     "--device": (str, "cpu, cuda, cuda:N or auto"),
     "--output": (str, "run directory (default runs/<timestamp>)"),
 }
@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--key", help="this client's private key (mutual TLS)")
     client.add_argument("--token-file", help="file holding this client's bearer token")
     _add_process_flags(client, "allow plaintext to a non-loopback server")
+    client.add_argument("--state-dir", help="folder for this client's own state (SCAFFOLD's control, DP-SGD's "
+                        "accountant, personal layers); default fedlearn-client-state/<client id>")
     client.add_argument("--give-up-after", type=float, default=3600.0,
                         help="seconds without reaching the server before exiting (default 3600)")
     _add_config_flags(client, {k: v for k, v in RUN_FLAGS.items() if k not in ("--output",)})
@@ -250,7 +252,8 @@ def cmd_client(args: argparse.Namespace) -> int:
         config = config.updated({"clients": args.num_partitions}).validate()
     tls = TLSFiles(cert=args.cert, key=args.key, ca=args.ca)
     run_client(config, args.server, client_id=args.client_id, partition_index=args.partition_index, tls=tls,
-               token_file=args.token_file, insecure=args.insecure, give_up_after=args.give_up_after)
+               token_file=args.token_file, insecure=args.insecure, give_up_after=args.give_up_after,
+               state_dir=args.state_dir)
     return 0
 
 
