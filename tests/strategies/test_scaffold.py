@@ -85,3 +85,38 @@ def test_resume_equals_a_straight_run_with_client_controls_restored(tmp_path):
     a = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "model.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_deployed_client_keeps_its_control_across_a_restart(tmp_path):
+    """A `fedlearn client` keeps c_i in its own folder: a restarted process answers round 2 exactly as one that
+    never stopped (and differently from a client that lost its control)."""
+    from fedlearn.client.state import ClientStateStore
+    from fedlearn.strategies.base import ServerState
+
+    data, _ = _drift_problem(clients=1)
+    local = LocalConfig(local_epochs=2, batch_size=8, lr=0.02)
+    strategy = build_strategy("scaffold", local)
+    torch.manual_seed(0)
+    start = ModelVector(nn.Linear(5, 1, bias=False)).read()
+    state = ServerState(start, {"control": torch.full_like(start, 0.01)})
+
+    def app(folder):
+        torch.manual_seed(0)
+        return ClientApp(LocalTrainer(nn.Linear(5, 1, bias=False), "cpu", task="regression"), data,
+                         state=ClientStateStore.open_latest(folder), commit_state=True)
+
+    def task(rnd):
+        return strategy.configure_train(rnd, state, ["c0"], seed=0)[0]
+
+    steady = app(tmp_path / "steady")
+    steady.train(task(1))
+    expected = steady.train(task(2))
+
+    first = app(tmp_path / "restarted")
+    first.train(task(1))
+    del first  # the process dies; only its folder survives
+    again = app(tmp_path / "restarted").train(task(2))
+    forgot = app(tmp_path / "empty").train(task(2))
+    assert torch.equal(again.arrays["control_delta"], expected.arrays["control_delta"])
+    assert torch.equal(again.arrays["update"], expected.arrays["update"])
+    assert not torch.equal(forgot.arrays["update"], expected.arrays["update"])
