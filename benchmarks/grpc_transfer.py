@@ -9,23 +9,23 @@ loopback. Four ways of doing the same round, interleaved with a rotating start:
   bare     gRPC with FedLearn's own wire messages (PollTask, DownloadTask streaming 1 MiB Chunks,
            UploadResult) carrying the same pre-encoded bytes, but no encoding, decoding, checksum
            or runtime bookkeeping: what gRPC's transport itself costs.
-  runtime  the real thing: GrpcRuntime.train(tasks) on the server, RemoteClient on the clients (with
-           a trainer that answers at once with the task's weights as its update). Timed from the
-           call to train() to the 10th result yielded, so it includes encoding each task, its
+  runtime  the real thing: GrpcRuntime.deliver(tasks) on the server, RemoteClient on the clients (a
+           ClientApp whose trainer answers at once with the task's weights as its update). Timed from
+           the call to deliver() to the 10th result yielded, so it includes encoding each task, its
            SHA-256, the chunked download, the client's checksum and decode, the result's encoding
            and upload, and the server's checksum, decode and checks.
-  inprocess InProcessRuntime.train(tasks) with the same trainer: messages passed by reference.
+  inprocess InProcessRuntime.deliver(tasks) with the same ClientApp: messages passed by reference.
 
 Concurrency: the 10 clients of every networked variant are 10 threads of ONE separate client
 process (spawned), the server is the main process. A process per client would put 11 processes
 with torch on 2 cores and make every variant a scheduling benchmark; one client process keeps the
 same two-process shape for the raw, bare and runtime variants, and each side can use one core.
 
-Part 2, concurrency. 50 RemoteClients (the real LocalTrainer, mcmahan-2nn on digits 1x8x8, IID
-split by ``build_clients``) as threads of two spawned processes (25 each; a process per client
-would need ~50 x 800 MB), against ``build_experiment(config, runtime=GrpcRuntime)`` and
-``loop.run(20)`` in this process. Checked: 50/50 clients succeed in every round, and the final
-weights equal an in-process run of the same config.
+Part 2, concurrency. 50 RemoteClients (each with its own ClientApp from ``run.experiment.client_app``,
+so its own LocalTrainer; mcmahan-2nn on digits 1x8x8, IID split by ``build_clients``) as threads of
+two spawned processes (25 each; a process per client would need ~50 x 800 MB), against
+``build_experiment(config, runtime=GrpcRuntime)`` and ``loop.run(20)`` in this process. Checked:
+50/50 clients succeed in every round, and the final weights equal an in-process run of the same config.
 
     python benchmarks/grpc_transfer.py           # full run (~1.5 min) -> benchmarks/results/grpc_transfer.json
     python benchmarks/grpc_transfer.py --quick   # smoke run (2 clients x 2 reps, 10 clients x 3 rounds);
@@ -52,17 +52,20 @@ import grpc
 import torch
 from machine import machine_info, write_results
 
-from fedlearn.client.config import LocalConfig
+from fedlearn.client.app import ClientApp
 from fedlearn.client.data import ClientData
+from fedlearn.client.trainer import LocalOutcome
 from fedlearn.models import build_model
-from fedlearn.protocol.messages import TrainResult, TrainTask, decode, encode
+from fedlearn.protocol.codec import decode, encode
+from fedlearn.protocol.local import LocalConfig
+from fedlearn.protocol.messages import TrainResult, TrainTask
 from fedlearn.protocol.params import ModelVector, ParamSpec
 from fedlearn.runtime.grpc import fedlearn_pb2 as pb
 from fedlearn.runtime.grpc import fedlearn_pb2_grpc as pb_grpc
 from fedlearn.runtime.grpc.auth import CLIENT_ID_HEADER, claimed_identity
 from fedlearn.runtime.grpc.transfer import Assembly, chunks, digest
 from fedlearn.runtime.inprocess import InProcessRuntime
-from fedlearn.strategies import build_strategy
+from fedlearn.strategies import ServerState, build_strategy
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HOST = "127.0.0.1"
@@ -77,14 +80,22 @@ CHANNEL_OPTIONS = [("grpc.keepalive_time_ms", 30_000)]  # RemoteClient's own
 class EchoTrainer:
     """Answers a TrainTask at once with the task's weights as the update: transfer cost only, no training.
 
-    The decoded task's weights are a fresh tensor owned by this client, so no clone is needed.
+    It stands in for LocalTrainer inside a ClientApp, so the answer goes through the app's real
+    finish step (no transforms or sealing are requested here). The decoded task's weights are a fresh
+    tensor owned by this client, so no clone is needed; in process the update is the server's weights
+    tensor itself, only read.
     """
 
-    def fit(self, task: TrainTask, data) -> TrainResult:
-        return TrainResult(task.round, task.client_id, 1, task.weights, {})
+    def fit(self, task: TrainTask, data, hooks=(), state=None) -> LocalOutcome:
+        return LocalOutcome({"update": task.weights}, 1, {}, {})
 
-    def evaluate(self, task, data):  # pragma: no cover - never asked here
+    def evaluate(self, task, data, state=None):  # pragma: no cover - never asked here
         raise NotImplementedError
+
+
+def echo_app(ids: list[str]) -> ClientApp:
+    """A ClientApp hosting ``ids`` (no data) whose trainer is the EchoTrainer."""
+    return ClientApp(EchoTrainer(), {cid: ClientData([]) for cid in ids})
 
 
 def proc_stat(pid: int | str = "self") -> dict:
@@ -276,7 +287,7 @@ def transfer_worker(conn, ids: list[str], numel: int, raw_port: int, bare_port: 
     from fedlearn.runtime.grpc.client import RemoteClient
 
     torch.set_num_threads(1)
-    result_bodies = {cid: encode(TrainResult(1, cid, 1, torch.zeros(numel), {})) for cid in ids}
+    result_bodies = {cid: encode(TrainResult(1, cid, 1, {"update": torch.zeros(numel)}, {})) for cid in ids}
     errors: list[str] = []
     stop = threading.Event()
 
@@ -324,7 +335,7 @@ def transfer_worker(conn, ids: list[str], numel: int, raw_port: int, bare_port: 
         channel.close()
 
     def remote_client(cid: str) -> None:
-        client = RemoteClient(f"{HOST}:{runtime_port}", cid, EchoTrainer(), ClientData([]), poll_seconds=10.0,
+        client = RemoteClient(f"{HOST}:{runtime_port}", cid, echo_app([cid]), poll_seconds=10.0,
                               give_up_after=60.0, stop=stop)
         try:
             client.run()
@@ -348,7 +359,7 @@ def transfer_worker(conn, ids: list[str], numel: int, raw_port: int, bare_port: 
 
 def codec_costs(task: TrainTask, reps: int) -> dict:
     """Single-thread CPU cost of each byte-level step the runtime does per 44.7 MB message (median, s)."""
-    result = TrainResult(task.round, task.client_id, 1, task.weights.clone(), {})
+    result = TrainResult(task.round, task.client_id, 1, {"update": task.weights.clone()}, {})
     body = encode(task)
     rbody = encode(result)
     steps = {
@@ -389,9 +400,10 @@ def transfer_part(n_clients: int, reps: int, warmup: int) -> dict:
     weights = ModelVector(model).read()
     ids = client_ids(n_clients)
     strategy = build_strategy("fedavg", LocalConfig())
-    probe = strategy.configure_train(1, weights, ids[:1], 0)[0]
+    state = ServerState(weights)
+    probe = strategy.configure_train(1, state, ids[:1], 0)[0]
     task_bytes = len(encode(probe))
-    result_bytes = len(encode(TrainResult(1, ids[0], 1, weights, {})))
+    result_bytes = len(encode(TrainResult(1, ids[0], 1, {"update": weights}, {})))
     print(f"ResNet-18-GN: {spec.numel:,} parameters; task {task_bytes:,} B, result {result_bytes:,} B; "
           f"{n_clients} clients -> {(task_bytes + result_bytes) * n_clients / 1e6:.0f} MB a round", flush=True)
 
@@ -410,12 +422,12 @@ def transfer_part(n_clients: int, reps: int, warmup: int) -> dict:
     assert parent.recv() == "ready"
     runtime.wait_for_clients(n_clients, poll=0.2)
 
-    inproc = InProcessRuntime(EchoTrainer(), {cid: ClientData([]) for cid in ids})
+    inproc = InProcessRuntime(echo_app(ids))
     rnd = [0]
 
     def tasks() -> list[TrainTask]:
         rnd[0] += 1
-        return strategy.configure_train(rnd[0], weights, ids, 0)
+        return strategy.configure_train(rnd[0], state, ids, 0)
 
     def run_raw() -> float:
         bodies = [encode(t) for t in tasks()]  # the same bytes the runtime sends; encoded outside the timing
@@ -433,17 +445,18 @@ def transfer_part(n_clients: int, reps: int, warmup: int) -> dict:
     def run_runtime() -> float:
         ts = tasks()
         start = time.perf_counter()
-        results = list(runtime.train(ts))
+        results = list(runtime.deliver(ts))
         elapsed = time.perf_counter() - start
-        assert all(isinstance(r, TrainResult) and r.payload.numel() == spec.numel for r in results), results[:1]
+        assert all(isinstance(r, TrainResult) and r.arrays["update"].numel() == spec.numel
+                   for r in results), results[:1]
         return elapsed
 
     def run_inprocess() -> float:
         ts = tasks()
         start = time.perf_counter()
-        results = list(inproc.train(ts))
+        results = list(inproc.deliver(ts))
         elapsed = time.perf_counter() - start
-        assert len(results) == n_clients
+        assert len(results) == n_clients and all(isinstance(r, TrainResult) for r in results), results[:1]
         return elapsed
 
     variants = {"raw": run_raw, "bare": run_bare, "runtime": run_runtime, "inprocess": run_inprocess}
@@ -532,9 +545,8 @@ def concurrency_config(clients: int, rounds: int):
 
 
 def concurrency_worker(conn, config, indices: list[int], target: str) -> None:
-    from fedlearn.client.trainer import LocalTrainer
     from fedlearn.data import load_dataset
-    from fedlearn.run.experiment import build_clients, initial_model
+    from fedlearn.run.experiment import build_clients, client_app, initial_model
     from fedlearn.runtime.grpc.client import RemoteClient
 
     torch.set_num_threads(1)
@@ -545,8 +557,9 @@ def concurrency_worker(conn, config, indices: list[int], target: str) -> None:
     errors: list[str] = []
 
     def one(cid: str, data: ClientData) -> None:
-        trainer = LocalTrainer(initial_model(config, bundle), config.device)  # own model: threads train at once
-        client = RemoteClient(target, cid, trainer, data, poll_seconds=10.0, give_up_after=120.0)
+        # Its own ClientApp, so its own model: the threads train at once. As `fedlearn client` builds it.
+        app = client_app(config, initial_model(config, bundle), {cid: data}, config.task_name or bundle.task)
+        client = RemoteClient(target, cid, app, poll_seconds=10.0, give_up_after=120.0)
         try:
             done[cid] = client.run()
         except BaseException as exc:  # noqa: BLE001 - reported to the parent

@@ -199,6 +199,9 @@ def training_rounds(data_dir: str, keys: Path, repeats: int, modes: list[str],
     for _ in range(repeats):
         for mode, loop in loops.items():  # interleaved, so a busy moment hurts every mechanism alike
             row = loop.run_round()
+            if not row["aggregated"] or row.get("secure_aggregation_aborted"):  # a skipped sum is no timing
+                raise RuntimeError(f"{mode} round {row['round']} did not aggregate: "
+                                   f"{row.get('secure_aggregation_aborted') or row['failed_clients']}")
             seconds[mode].append(row["seconds"])
             print(f"training round, n={n}, d={loop.spec.numel:,}: {mode:8s} {row['seconds']:6.1f} s, "
                   f"up {row['bytes_up'] / 1e6:8.1f} MB", flush=True)
@@ -206,9 +209,13 @@ def training_rounds(data_dir: str, keys: Path, repeats: int, modes: list[str],
     for mode, values in seconds.items():
         median = float(np.median(values))
         rows.append({"mode": mode, "n": n, "d": loops[mode].spec.numel, "round_s": values, "median_s": median,
-                     "x_plain": median / float(np.median(seconds["plain"])) if "plain" in seconds else None})
-        print(f"{mode:8s} median {median:6.1f} s" + (f" = {rows[-1]['x_plain']:.2f}x plain" if "plain" in seconds
-                                                      else ""), flush=True)
+                     "x_plain": median / float(np.median(seconds["plain"])) if "plain" in seconds else None,
+                     # same start, same seeds: the secure loops' weights differ from plain's by rounding only
+                     "max_abs_weight_diff_vs_plain": float((loops[mode].weights - loops["plain"].weights).abs().max())
+                     if "plain" in loops else None})
+        print(f"{mode:8s} median {median:6.1f} s" + (f" = {rows[-1]['x_plain']:.2f}x plain, max |w - w_plain| "
+                                                      f"{rows[-1]['max_abs_weight_diff_vs_plain']:.1e}"
+                                                      if "plain" in seconds else ""), flush=True)
     return rows
 
 

@@ -21,7 +21,6 @@ from torch.utils.data import Dataset
 from fedlearn.client.hooks import HookContext, TrainHook
 from fedlearn.data.arrays import as_tensors
 from fedlearn.errors import ConfigError
-from fedlearn.privacy.accountant import ACCOUNTANTS, PrivacyAccountant
 from fedlearn.registry import positive, register
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -94,6 +93,8 @@ class DPSGDHook(TrainHook):
             positive("noise_multiplier", self.noise_multiplier)
             if not 0 < self.delta < 1:
                 raise ConfigError(f"--delta must be in (0, 1); got {self.delta}")
+            from fedlearn.privacy.accountant import ACCOUNTANTS  # dp_accounting only when DP-SGD runs
+
             if self.accountant not in ACCOUNTANTS:
                 raise ConfigError(f"--accountant must be one of {', '.join(ACCOUNTANTS)}; got {self.accountant!r}")
 
@@ -120,6 +121,8 @@ class DPSGDHook(TrainHook):
         before = ctx.state.get("dpsgd_steps")
         steps = (int(before) if before is not None else 0) + ctx.steps
         ctx.new_state["dpsgd_steps"] = torch.tensor(steps, dtype=torch.int64)
+        from fedlearn.privacy.accountant import PrivacyAccountant
+
         accountant = PrivacyAccountant(noise_multiplier=self.config.noise_multiplier,
                                        sampling_rate=min(1.0, self.batch_size / self.n), delta=self.config.delta,
                                        kind=self.config.accountant)

@@ -22,7 +22,6 @@ from fedlearn.data import DatasetBundle, label_counts, load_dataset, partition_i
 from fedlearn.data.datasets import partition_labels
 from fedlearn.errors import ConfigError
 from fedlearn.models import build_model
-from fedlearn.privacy.accountant import calibrate_noise_multiplier, default_delta
 from fedlearn.protocol.local import LocalConfig
 from fedlearn.protocol.params import ModelVector, ParamSpec
 from fedlearn.registry import lookup
@@ -116,6 +115,8 @@ def resolve_privacy(config: RunConfig) -> RunConfig:
     """Fill in what DP derives: delta's default, and the noise multiplier calibrated to a target epsilon."""
     if config.dp == "none":
         return config
+    from fedlearn.privacy.accountant import calibrate_noise_multiplier, default_delta  # scipy: only under DP
+
     changes: dict = {}
     delta = config.delta if config.delta is not None else default_delta(config.clients)
     changes["delta"] = delta

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 
 from fedlearn.errors import CheckpointError, ConfigError
-from fedlearn.privacy.accountant import PrivacyAccountant
 from fedlearn.privacy.dp import gaussian_noise, noise_generator
 from fedlearn.protocol.local import LocalConfig
 from fedlearn.protocol.messages import Arrays, EvalResult, EvalTask, TrainResult, TrainTask
@@ -197,6 +196,8 @@ class CentralDP(Wrapper):
             clipped_count_stddev = clipped_count_stddev or self.sampler.rate * population / 20
             self.secure_extras = ("below_clip",)
         self.clipped_count_stddev = clipped_count_stddev if adaptive_quantile is not None else None
+        from fedlearn.privacy.accountant import PrivacyAccountant  # dp_accounting (and scipy) only when DP runs
+
         self.accountant = PrivacyAccountant(noise_multiplier=noise_multiplier, sampling_rate=self.sampler.rate,
                                             sampling=self.sampler.kind, delta=delta, kind=accountant,
                                             clipped_count_stddev=self.clipped_count_stddev)
@@ -268,6 +269,8 @@ class LocalDP(Wrapper):
         super().__init__(inner)
         self.weighting = "uniform"
         self.clip_norm, self.noise_multiplier = float(clip_norm), float(noise_multiplier)
+        from fedlearn.privacy.accountant import PrivacyAccountant
+
         self.accountant = PrivacyAccountant(noise_multiplier=noise_multiplier / 2, sampling_rate=1.0, delta=delta,
                                             kind=accountant)
         _set_transform(inner, Clip(Clip.Config(self.clip_norm)))
