@@ -144,9 +144,9 @@ def test_evaluation_dedupe_shares_results_for_a_shared_test_set() -> None:
     calls: list[str] = []
     original = trainer.evaluate
 
-    def counting(task, client):
+    def counting(task, client, state=None):
         calls.append(task.client_id)
-        return original(task, client)
+        return original(task, client, state)
 
     trainer.evaluate = counting
     w = trainer.vector.read()
