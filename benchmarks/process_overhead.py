@@ -39,8 +39,8 @@ def plain_side(rounds: int, out: Path) -> None:
     sys.path.insert(0, str(HERE))
     from overhead import PlainSetup, make_config, plain_build_models, plain_run
 
-    from fedlearn.run.experiment import build_clients
     from fedlearn.data import load_dataset
+    from fedlearn.run.experiment import build_clients
 
     torch.set_num_threads(1)
     config = make_config(rounds, 1)

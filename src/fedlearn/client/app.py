@@ -101,10 +101,14 @@ class ClientApp:
             raise TaskRefused(f"task for client {client_id!r}, which this process does not host")
         return data
 
+    def _seed(self, task: TrainTask, purpose: str) -> int:
+        """A secret seed from the OS's CSPRNG, or under the simulation-only switch one derived from the run seed."""
+        if self.seeded_privacy is None:
+            return secrets.randbits(63)
+        return derive_seed(self.seeded_privacy, task.round, task.client_id, purpose)
+
     def _generator(self, task: TrainTask, purpose: str) -> torch.Generator:
-        seed = secrets.randbits(63) if self.seeded_privacy is None else derive_seed(
-            self.seeded_privacy, task.round, task.client_id, purpose)
-        return torch.Generator().manual_seed(seed)
+        return torch.Generator().manual_seed(self._seed(task, purpose))
 
     def prepare(self, task: TrainTask) -> tuple[ClientData, list[TrainHook], list[UpdateTransform]]:
         """The client's data and the hooks and transforms it will run for ``task`` (its policy applied)."""
@@ -138,10 +142,8 @@ class ClientApp:
         return result
 
     def _rounding(self, task: TrainTask) -> np.random.Generator:
-        # Stochastic rounding must be unbiased, not secret; seeded per (round, client) when the run is seeded.
-        seed = secrets.randbits(63) if self.seeded_privacy is None else derive_seed(
-            self.seeded_privacy, task.round, task.client_id, "secagg-rounding")
-        return np.random.default_rng(seed)
+        # Stochastic rounding must be unbiased; its randomness is the client's, like its noise.
+        return np.random.default_rng(self._seed(task, "secagg-rounding"))
 
     def evaluate(self, task: EvalTask) -> EvalResult:
         """The task's weights scored on the client's test data; a client without any answers with 0 examples."""

@@ -15,7 +15,22 @@ MODES = ("delta", "gradient")
 
 
 @dataclass(frozen=True)
-class LocalConfig:
+class TrainingKeys:
+    """The local-SGD settings a run configures and every task carries: written once, here.
+
+    ``RunConfig`` (the run's flat YAML keys and flags) and ``LocalConfig`` (what a task carries) both
+    extend it, so the two cannot drift apart in names, types or defaults.
+    """
+
+    local_epochs: int = 2
+    batch_size: int = 10
+    lr: float = 0.1
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class LocalConfig(TrainingKeys):
     """One round of a client's local work.
 
     ``mode`` is ``"delta"`` (train ``local_epochs`` epochs and return new - global, FedAvg and its
@@ -23,11 +38,6 @@ class LocalConfig:
     the batch order and model randomness of this (round, client).
     """
 
-    local_epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.01
-    momentum: float = 0.0
-    weight_decay: float = 0.0
     mode: str = "delta"
     seed: int = 0
     eval_batch_size: int = 512

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from fedlearn.errors import ConfigError
+from fedlearn.protocol.local import TrainingKeys
 
 EVALUATIONS = ("centralized", "federated", "both")
 DP_MODES = ("none", "central", "local", "dpsgd")
@@ -30,8 +31,8 @@ def component_settings() -> dict[str, Any]:
     return settings()
 
 
-@dataclass
-class RunConfig:
+@dataclass(frozen=True)
+class RunConfig(TrainingKeys):
     """Everything a run needs. YAML keys are these names; flags are the same with dashes.
 
     Keys that a registered component declares (``server_lr``, ``server_optimizer``, ...) live in
@@ -49,11 +50,6 @@ class RunConfig:
     min_fit_fraction: float = 0.0
     round_timeout: float = 300.0
     rounds: int = 20
-    local_epochs: int = 2
-    batch_size: int = 10
-    lr: float = 0.1
-    momentum: float = 0.0
-    weight_decay: float = 0.0
     partition: str = "dirichlet"
     alpha: float = 0.5
     shards_per_client: int = 2

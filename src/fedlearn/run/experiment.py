@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from fedlearn.data import DatasetBundle, label_counts, load_dataset, partition_i
 from fedlearn.data.datasets import partition_labels
 from fedlearn.errors import ConfigError
 from fedlearn.models import build_model
-from fedlearn.protocol.local import LocalConfig
+from fedlearn.protocol.local import LocalConfig, TrainingKeys
 from fedlearn.protocol.params import ModelVector, ParamSpec
 from fedlearn.registry import lookup
 from fedlearn.run.config import RunConfig
@@ -104,8 +104,8 @@ def initial_model(config: RunConfig, bundle: DatasetBundle) -> torch.nn.Module:
 
 
 def local_config(config: RunConfig) -> LocalConfig:
-    return LocalConfig(**{k: getattr(config, k) for k in ("local_epochs", "batch_size", "lr", "momentum",
-                                                         "weight_decay")})
+    """The task's local config: the run's training keys (both extend TrainingKeys)."""
+    return LocalConfig(**{f.name: getattr(config, f.name) for f in fields(TrainingKeys)})
 
 
 RuntimeFactory = Callable[[RunConfig, ParamSpec], Runtime]
