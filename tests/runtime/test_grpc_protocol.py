@@ -26,7 +26,8 @@ from fedlearn.protocol.params import ParamSpec
 from fedlearn.runtime.base import ClientFailure
 from fedlearn.runtime.grpc import fedlearn_pb2 as pb
 from fedlearn.runtime.grpc import fedlearn_pb2_grpc as pb_grpc
-from fedlearn.runtime.grpc.auth import CLIENT_ID_HEADER
+from fedlearn.protocol.codec import FORMAT_VERSION
+from fedlearn.runtime.grpc.auth import CLIENT_ID_HEADER, FORMAT_HEADER
 from fedlearn.runtime.grpc.server import HEADER_SLACK, SERVICE_NAME, GrpcRuntime, start_server
 from fedlearn.runtime.grpc.transfer import CHUNK_BYTES, chunks, digest
 from fedlearn.security import Authenticator, TokenStore
@@ -90,7 +91,8 @@ class Peer:
 
     def __init__(self, stub: pb_grpc.FedLearnStub, client_id: str, metadata: list[tuple[str, str]] | None) -> None:
         self.stub, self.client_id = stub, client_id
-        self.metadata = metadata if metadata is not None else [(CLIENT_ID_HEADER, client_id)]
+        self.metadata = [*(metadata if metadata is not None else [(CLIENT_ID_HEADER, client_id)]),
+                         (FORMAT_HEADER, str(FORMAT_VERSION))]
 
     def join(self, client_id: str | None = None) -> pb.JoinReply:
         request = pb.JoinRequest(client_id=self.client_id if client_id is None else client_id)
@@ -657,3 +659,15 @@ def test_token_identifies_the_client_and_it_may_not_join_as_another(token_server
     assert_refused(error, grpc.StatusCode.PERMISSION_DENIED)
     assert decode(site_a.download(info.task_id)).client_id == "site-a"
     finish_with_good_answer(site_a, info, rnd)
+
+
+@pytest.mark.parametrize("sent", [None, "1", "3"])
+def test_a_client_of_another_message_format_is_refused_at_join_naming_both(serve, sent):
+    served = serve()
+    peer = served.peer("site-a", [(CLIENT_ID_HEADER, "site-a")])
+    peer.metadata = [(k, v) for k, v in peer.metadata if k != FORMAT_HEADER] + (
+        [(FORMAT_HEADER, sent)] if sent else [])
+    error = refusal(lambda: peer.join())
+    assert_refused(error, grpc.StatusCode.FAILED_PRECONDITION, f"server speaks format {FORMAT_VERSION}")
+    assert (sent or "older message format (1)") in error.details()
+    assert served.runtime.client_ids() == []

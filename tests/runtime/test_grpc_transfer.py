@@ -25,7 +25,8 @@ from fedlearn.protocol.messages import TrainResult, TrainTask
 from fedlearn.protocol.params import ParamSpec, flatten_module
 from fedlearn.runtime.grpc import fedlearn_pb2 as pb
 from fedlearn.runtime.grpc import fedlearn_pb2_grpc as pb_grpc
-from fedlearn.runtime.grpc.auth import CLIENT_ID_HEADER
+from fedlearn.protocol.codec import FORMAT_VERSION
+from fedlearn.runtime.grpc.auth import CLIENT_ID_HEADER, FORMAT_HEADER
 from fedlearn.runtime.grpc.client import ClientRefused, RemoteClient
 from fedlearn.runtime.grpc.server import GrpcRuntime, start_server
 from fedlearn.runtime.grpc.transfer import CHUNK_BYTES, chunks, digest
@@ -91,7 +92,7 @@ def test_200mb_task_and_result_survive_one_broken_stream_each():
     assert n >= 50_000_000
     weights = torch.arange(n, dtype=torch.float32).mul_(1e-6)
     task = TrainTask(3, "c1", {"weights": weights}, {"lr": 0.05})
-    meta = [(CLIENT_ID_HEADER, "c1")]
+    meta = [(CLIENT_ID_HEADER, "c1"), (FORMAT_HEADER, str(FORMAT_VERSION))]
     started = time.perf_counter()
     with serving(spec, round_timeout=120.0) as (runtime, target), grpc.insecure_channel(target) as channel:
         stub = pb_grpc.FedLearnStub(channel)

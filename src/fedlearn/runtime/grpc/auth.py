@@ -10,6 +10,7 @@ from __future__ import annotations
 import grpc
 
 CLIENT_ID_HEADER = "x-fedlearn-client-id"
+FORMAT_HEADER = "x-fedlearn-format"  # the message format version a client speaks (fedlearn.protocol.codec)
 
 
 class AuthError(Exception):
@@ -26,3 +27,13 @@ def claimed_identity(context: grpc.ServicerContext) -> str:
         if key == CLIENT_ID_HEADER and value:
             return value
     raise AuthError(grpc.StatusCode.UNAUTHENTICATED, f"no client identity: send the {CLIENT_ID_HEADER} header")
+
+
+def check_format(context: grpc.ServicerContext, expected: int) -> None:
+    """Refuse a client that speaks another message format, naming both versions (older clients send none)."""
+    sent = next((value for key, value in context.invocation_metadata() or () if key == FORMAT_HEADER), None)
+    if sent != str(expected):
+        theirs = f"message format {sent}" if sent else "an older message format (1)"
+        raise AuthError(grpc.StatusCode.FAILED_PRECONDITION,
+                        f"this client speaks {theirs}, this server speaks format {expected}; run the same fedlearn "
+                        "release on the server and every client")

@@ -19,10 +19,10 @@ import grpc
 from fedlearn.client.app import ClientApp, TaskRefused
 from fedlearn.errors import FedLearnError
 from fedlearn.privacy.secagg.client import SecAggProtocolError
-from fedlearn.protocol.codec import decode, encode
+from fedlearn.protocol.codec import FORMAT_VERSION, decode, encode
 from fedlearn.runtime.grpc import fedlearn_pb2 as pb
 from fedlearn.runtime.grpc import fedlearn_pb2_grpc as pb_grpc
-from fedlearn.runtime.grpc.auth import CLIENT_ID_HEADER
+from fedlearn.runtime.grpc.auth import CLIENT_ID_HEADER, FORMAT_HEADER
 from fedlearn.runtime.grpc.transfer import Assembly, TransferError, chunks, digest
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,8 @@ class RemoteClient:
         self.target, self.client_id = target, client_id
         self.app = app  # the one client entry point, as in every other runtime
         self.credentials = credentials
-        self.metadata = [(CLIENT_ID_HEADER, client_id)] + ([("authorization", f"Bearer {token}")] if token else [])
+        self.metadata = [(CLIENT_ID_HEADER, client_id), (FORMAT_HEADER, str(FORMAT_VERSION))] + (
+            [("authorization", f"Bearer {token}")] if token else [])
         self.poll_seconds, self.rpc_timeout = poll_seconds, rpc_timeout
         self.backoff = Backoff(cap=max_backoff)
         self.give_up_after = give_up_after
@@ -98,6 +99,8 @@ class RemoteClient:
                 code = exc.code()
                 if code in REFUSED:
                     raise ClientRefused(f"server refused client {self.client_id!r}: {exc.details()}") from None
+                if code == grpc.StatusCode.FAILED_PRECONDITION and what == "join":
+                    raise ClientRefused(f"server refused to let {self.client_id!r} join: {exc.details()}") from None
                 if code not in RETRYABLE:
                     raise
                 if self.give_up_after is not None and time.monotonic() - started > self.give_up_after:

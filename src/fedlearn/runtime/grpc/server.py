@@ -20,13 +20,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedlearn.errors import InvalidUpdateError
-from fedlearn.protocol.codec import decode, encode
+from fedlearn.protocol.codec import FORMAT_VERSION, decode, encode
 from fedlearn.protocol.messages import EvalResult, EvalTask, Message, SecureReply, SecureTask, TrainResult, TrainTask
 from fedlearn.protocol.params import ParamSpec
 from fedlearn.runtime.base import ClientFailure
 from fedlearn.runtime.grpc import fedlearn_pb2 as pb
 from fedlearn.runtime.grpc import fedlearn_pb2_grpc as pb_grpc
-from fedlearn.runtime.grpc.auth import AuthError, claimed_identity
+from fedlearn.runtime.grpc.auth import AuthError, check_format, claimed_identity
 from fedlearn.runtime.grpc.transfer import Assembly, TransferError, chunks, digest
 from fedlearn.security import Authenticator
 
@@ -326,6 +326,7 @@ class FedLearnServicer(pb_grpc.FedLearnServicer):
 
     def Join(self, request, context):  # noqa: N802 (gRPC method names)
         def call(client_id: str):
+            check_format(context, FORMAT_VERSION)
             if request.client_id and request.client_id != client_id:
                 raise AuthError(grpc.StatusCode.PERMISSION_DENIED,
                                 f"authenticated as {client_id!r}, cannot join as {request.client_id!r}")
