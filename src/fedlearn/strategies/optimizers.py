@@ -31,9 +31,8 @@ _TAU = "adaptivity floor added to sqrt(v) by the adaptive server optimizer, > 0 
 
 def _below_one(key: str, value: float) -> None:
     """Refuse ``value`` outside [0, 1): at 1 a moment never forgets (momentum diverges, beta1 never moves)."""
-    in_range(key, value, 0.0, 1.0, closed=True)
-    if value == 1.0:
-        raise ConfigError(f"{flag(key)} must be in [0.0, 1.0); got {value}")
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(f"{flag(key)} must be in [0, 1); got {value}")
 
 
 def _help(text: str) -> dict[str, str]:
