@@ -20,6 +20,8 @@ from fedlearn.protocol.params import ModelVector, is_personal
 from fedlearn.tasks import Task, get_task
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (inputs, targets) -> mean loss
+Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -114,8 +116,14 @@ class LocalTrainer:
         return {f"personal/{n}": t.detach().to("cpu").clone() for n, t in self._personal.items()}
 
     def fit(self, task: TrainTask, data: ClientData, hooks: Sequence[TrainHook] = (),
-            state: Mapping[str, torch.Tensor] | None = None) -> LocalOutcome:
-        """Local work for ``task``: ``update`` = new - global (``delta`` mode) or ``gradient`` (FedSGD)."""
+            state: Mapping[str, torch.Tensor] | None = None, *, objective: Objective | None = None,
+            extra_params: Sequence[torch.Tensor] = (), augment: Augment | None = None) -> LocalOutcome:
+        """Local work for ``task``: ``update`` = new - global (``delta`` mode) or ``gradient`` (FedSGD).
+
+        An application with its own objective (the face trainer's margin loss against a private head)
+        passes ``objective(x, y) -> mean loss``, the extra tensors it trains (``extra_params``, never sent)
+        and a batch ``augment(x, generator)``; the loop, the hooks and the update stay this one.
+        """
         cfg = LocalConfig.from_dict(task.config)
         if len(data.train) == 0:
             raise DataError(f"client {task.client_id} has no training samples; give every client data")
@@ -132,7 +140,7 @@ class LocalTrainer:
                           [p.detach().clone() for p in self._shared] if hooks else [])
         for hook in hooks:
             hook.begin(ctx)
-        loss = self._train(data, cfg, hooks, ctx)
+        loss = self._train(data, cfg, hooks, ctx, objective, extra_params, augment)
         ctx.num_examples = len(data.train)
         for hook in hooks:
             hook.end(ctx, self._shared)
@@ -142,10 +150,13 @@ class LocalTrainer:
         return LocalOutcome({"update": update, **ctx.uplink}, len(data.train), {"train_loss": loss, **ctx.metrics},
                             dict(ctx.new_state))
 
-    def _train(self, data: ClientData, cfg: LocalConfig, hooks: Sequence[TrainHook], ctx: HookContext) -> float:
+    def _train(self, data: ClientData, cfg: LocalConfig, hooks: Sequence[TrainHook], ctx: HookContext,
+               objective: Objective | None = None, extra_params: Sequence[torch.Tensor] = (),
+               augment: Augment | None = None) -> float:
         model = self.model
         model.train()
-        optimizer = torch.optim.SGD(self._params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.SGD([*self._params, *extra_params], lr=cfg.lr, momentum=cfg.momentum,
+                                    weight_decay=cfg.weight_decay)
         generator = torch.Generator().manual_seed(cfg.seed)
         batch_size = data.batch_size or cfg.batch_size
         targets = self.task.targets
@@ -161,11 +172,13 @@ class LocalTrainer:
         loss_sum = torch.zeros((), device=self.device)
         seen = 0
         for x, y in batches:
+            if augment is not None:
+                x = augment(x, generator)
             optimizer.zero_grad(set_to_none=True)
             if backward:
                 loss_sum += backward[0].backward(ctx, model, x, y, self.loss)
             else:
-                loss = self.loss(model(x), y)
+                loss = objective(x, y) if objective is not None else self.loss(model(x), y)
                 loss.backward()
                 loss_sum += loss.detach() * y.shape[0]
             if adjusting:

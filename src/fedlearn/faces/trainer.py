@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from fedlearn.client.batches import iter_batches
 from fedlearn.client.data import ClientData
-from fedlearn.client.trainer import LocalOutcome, LocalTrainer, seed_torch
+from fedlearn.client.trainer import LocalOutcome, LocalTrainer
 from fedlearn.data.arrays import as_tensors
 from fedlearn.errors import ConfigError, DataError
 from fedlearn.faces.augment import augment_faces
@@ -57,15 +57,23 @@ class PrivateHeadTrainer(LocalTrainer):
         if cfg.mode != "delta" or unsupported:
             raise ConfigError("face training supports update (delta) mode with the prox hook only; use FedAvg-style "
                               "rounds, with clipping and local noise for client-level DP")
-        mu = float(task.config.get("hooks", {}).get("prox", {}).get("mu", 0.0))
         labels = local_labels(data.train, task.client_id)
-        seed_torch(cfg.seed, self.device)
-        self.vector.load(task.weights.to(self.device))
         head = head_from_state(state or {}, task.client_id, int(labels.max()) + 1, self._dim(data.train), face,
                                self.secret)
-        loss, n = self._train_with_head(data, cfg, face, head, mu)
-        return LocalOutcome({"update": self.vector.read().sub_(task.weights)}, n, {"train_loss": loss},
-                            head_state(head))
+        weight = head.weight.to(self.device).clone().requires_grad_(True) if head.mode == "learned" else None
+
+        def objective(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            templates, column = self._templates(face, head, weight, training=True)
+            targets = y if column is None else column[y]
+            return margin_cross_entropy(self.model(x), templates, targets, face.scale, face.margin)
+
+        outcome = super().fit(task, data, hooks, state, objective=objective,
+                              extra_params=[weight] if weight is not None else [],
+                              augment=augment_faces if face.augment else None)
+        if weight is not None:
+            head.weight = weight.detach().to("cpu")
+        outcome.state = {**outcome.state, **head_state(head)}
+        return outcome
 
     def _dim(self, dataset: Dataset) -> int:
         if not self.embedding_dim:
@@ -90,39 +98,6 @@ class PrivateHeadTrainer(LocalTrainer):
         if training and face.cross_pool_negatives:
             return codebook, rows
         return codebook[rows], None
-
-    def _train_with_head(self, data: ClientData, cfg: LocalConfig, face: FaceConfig,
-                         head: PrivateHead, mu: float) -> tuple[float, int]:
-        self.model.train()
-        weight = None
-        params = list(self._params)
-        if head.mode == "learned":
-            weight = head.weight.to(self.device).clone().requires_grad_(True)
-            params.append(weight)
-        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        anchor = [p.detach().clone() for p in self._params] if mu > 0 else None
-        generator = torch.Generator().manual_seed(cfg.seed)
-        batch_size = data.batch_size or cfg.batch_size
-        loss_sum = torch.zeros((), device=self.device)
-        seen = 0
-        for _ in range(cfg.local_epochs):
-            for x, y in iter_batches(data.train, batch_size, shuffle=True, generator=generator, device=self.device):
-                if face.augment:
-                    x = augment_faces(x, generator)
-                templates, column = self._templates(face, head, weight, training=True)
-                targets = y if column is None else column[y]
-                optimizer.zero_grad(set_to_none=True)
-                loss = margin_cross_entropy(self.model(x), templates, targets, face.scale, face.margin)
-                loss.backward()
-                if anchor is not None:  # FedProx's proximal term on the backbone only
-                    for p, p0 in zip(self._params, anchor):
-                        p.grad.add_(p.detach() - p0, alpha=mu)
-                optimizer.step()
-                loss_sum += loss.detach() * y.shape[0]
-                seen += y.shape[0]
-        if weight is not None:
-            head.weight = weight.detach().to("cpu")
-        return float(loss_sum) / max(seen, 1), len(data.train)
 
     @torch.no_grad()
     def evaluate(self, task: EvalTask, data: ClientData, state=None) -> tuple[int, dict[str, float]]:
