@@ -52,9 +52,32 @@ def register(kind: str, name: str) -> Callable[[T], T]:
     return decorate
 
 
+_BUILTIN_PACKAGES = ("fedlearn.strategies", "fedlearn.transforms", "fedlearn.compression")
+_BUILTIN_MODULES = ("fedlearn.client.hooks", "fedlearn.privacy.dpsgd")
+_loaded = False
+
+
 def _load_builtin() -> None:
-    """Import the modules whose components register themselves (once; cheap after the first call)."""
-    import fedlearn.strategies  # noqa: F401  (strategies, optimizers, aggregators, hooks)
+    """Import every module of the component packages, so a new component file registers itself with no
+    edit anywhere else (once; a no-op after the first call)."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    import importlib
+    import pkgutil
+
+    for name in _BUILTIN_MODULES:
+        importlib.import_module(name)
+    for package_name in _BUILTIN_PACKAGES:
+        try:
+            package = importlib.import_module(package_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == package_name:
+                continue  # a package of the map that does not exist yet (compression)
+            raise
+        for info in pkgutil.iter_modules(package.__path__):
+            importlib.import_module(f"{package_name}.{info.name}")
 
 
 def names(kind: str) -> tuple[str, ...]:

@@ -43,18 +43,31 @@ def _run(config: RunConfig, serialize: bool):
     return experiment.loop, (wrapper.messages if serialize else 0)
 
 
+# A run that exercises each registered component that is not an algorithm of its own.
+COVERS = {
+    ("hook", "prox"): dict(algorithm="fedprox"),
+    ("hook", "scaffold"): dict(algorithm="scaffold"),
+    ("hook", "dpsgd"): dict(algorithm="fedavg", dp="dpsgd", noise_multiplier=1.0),
+    ("transform", "clip"): dict(algorithm="fedadam", dp="central", fraction=0.5, noise_multiplier=0.5),
+    ("transform", "gaussian"): dict(algorithm="fedprox", dp="local", noise_multiplier=0.5),
+}
 CASES = [dict(algorithm=name) for name in names("strategy")] + [
-    dict(algorithm="fedadam", dp="central", fraction=0.5, noise_multiplier=0.5),
-    dict(algorithm="fedprox", dp="local", noise_multiplier=0.5),
+    dict(algorithm="fedavg", server_optimizer=name) for name in names("optimizer")] + list(COVERS.values()) + [
     dict(algorithm="fedavg", secure_aggregation="secagg"),
     dict(algorithm="scaffold", secure_aggregation="secagg+"),
     dict(algorithm="fedavg", evaluation="both"),
 ]
 
 
+def test_every_registered_component_is_covered_by_a_serialized_run():
+    """A new hook or transform must be given a run here (algorithms and optimizers are enumerated)."""
+    registered = {(kind, name) for kind in ("hook", "transform") for name in names(kind)}
+    assert registered <= set(COVERS), f"add a run that uses {sorted(registered - set(COVERS))} to COVERS"
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for v in c.values()))
 def test_serializing_every_message_changes_nothing(case):
-    config = RunConfig(rounds=2, clients=4, local_epochs=1, seed=5, seeded_privacy=True, **case)
+    config = RunConfig(rounds=2, clients=4, local_epochs=1, seed=5, seeded_privacy=True).updated(case)
     plain, _ = _run(config, serialize=False)
     serialized, messages = _run(config, serialize=True)
     assert messages > 0

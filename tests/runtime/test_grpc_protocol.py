@@ -26,7 +26,6 @@ from fedlearn.protocol.params import ParamSpec
 from fedlearn.runtime.base import ClientFailure
 from fedlearn.runtime.grpc import fedlearn_pb2 as pb
 from fedlearn.runtime.grpc import fedlearn_pb2_grpc as pb_grpc
-from fedlearn.protocol.codec import FORMAT_VERSION
 from fedlearn.runtime.grpc.auth import CLIENT_ID_HEADER, FORMAT_HEADER
 from fedlearn.runtime.grpc.server import HEADER_SLACK, SERVICE_NAME, GrpcRuntime, start_server
 from fedlearn.runtime.grpc.transfer import CHUNK_BYTES, chunks, digest

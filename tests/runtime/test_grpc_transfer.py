@@ -19,13 +19,12 @@ from fedlearn.client.app import ClientApp
 from fedlearn.client.data import ClientData
 from fedlearn.client.trainer import LocalTrainer
 from fedlearn.data.arrays import ArrayDataset
-from fedlearn.protocol.codec import decode, encode
+from fedlearn.protocol.codec import FORMAT_VERSION, decode, encode
 from fedlearn.protocol.local import LocalConfig
 from fedlearn.protocol.messages import TrainResult, TrainTask
 from fedlearn.protocol.params import ParamSpec, flatten_module
 from fedlearn.runtime.grpc import fedlearn_pb2 as pb
 from fedlearn.runtime.grpc import fedlearn_pb2_grpc as pb_grpc
-from fedlearn.protocol.codec import FORMAT_VERSION
 from fedlearn.runtime.grpc.auth import CLIENT_ID_HEADER, FORMAT_HEADER
 from fedlearn.runtime.grpc.client import ClientRefused, RemoteClient
 from fedlearn.runtime.grpc.server import GrpcRuntime, start_server

@@ -1,13 +1,9 @@
-"""Server algorithms as compositions; importing this package registers every built-in component."""
+"""Server algorithms as compositions. Each module here registers its components itself; the registry
+imports every module of this package (``fedlearn.registry``), so a new algorithm is one new file."""
 
 from __future__ import annotations
 
-from fedlearn import transforms as _transforms  # noqa: F401,E402  (registers clip and gaussian)
-from fedlearn.client import hooks as _hooks  # noqa: F401  (registers the prox hook)
-from fedlearn.privacy import dpsgd as _dpsgd  # noqa: F401,E402  (registers the dpsgd hook)
 from fedlearn.protocol.local import LocalConfig
-from fedlearn.strategies import dp as _dp  # noqa: F401,E402
-from fedlearn.strategies import optimizers as _optimizers  # noqa: F401
 from fedlearn.strategies.base import Aggregator, MeanAggregator, PoissonSampler, Sampler, ServerState, Strategy
 from fedlearn.strategies.fedavg import FedAvg
 from fedlearn.strategies.fedopt import FedAdagradStrategy, FedAdamStrategy, FedAvgMStrategy, FedYogiStrategy
@@ -21,7 +17,7 @@ def build_strategy(name: str, local: LocalConfig | None = None, *, sampler: Samp
     """The registered algorithm ``name`` with flat settings (``mu=0.01``, ``server_lr=0.1``, ...), for Python users."""
     from fedlearn.registry import lookup, make_config
 
-    cls = lookup("strategy", name)
+    cls = lookup("strategy", name)  # loads every registered component
     return cls.from_values(values, local=local or LocalConfig(), sampler=sampler or Sampler(),
                            config=make_config("strategy", cls, values))
 
