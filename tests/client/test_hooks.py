@@ -51,3 +51,18 @@ def test_prox_step_is_the_proximal_gradient():
     grads = [torch.zeros_like(p) for p in params]
     out = hook.grads(ctx, moved, grads)
     assert all(torch.allclose(o, torch.full_like(o, 0.5)) for o in out)
+
+
+def test_a_client_policy_keeps_its_order_and_refuses_weaker_requests():
+    from fedlearn.client.app import ClientPolicy, TaskRefused
+    from fedlearn.transforms import Clip, GaussianNoise
+
+    policy = ClientPolicy([Clip(Clip.Config(1.0)), GaussianNoise(GaussianNoise.Config(0.5))])
+    # a server asking only for (stronger) noise still gets clip first, then its noise
+    out = policy.pipeline([GaussianNoise(GaussianNoise.Config(0.8))])
+    assert [t.name for t in out] == ["clip", "gaussian"] and out[1].config.std == 0.8
+    assert [t.name for t in policy.pipeline([])] == ["clip", "gaussian"]
+    with pytest.raises(TaskRefused, match="weaker"):
+        policy.pipeline([GaussianNoise(GaussianNoise.Config(0.0))])
+    with pytest.raises(TaskRefused, match="weaker"):
+        policy.pipeline([Clip(Clip.Config(10.0))])

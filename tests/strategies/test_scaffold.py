@@ -120,3 +120,27 @@ def test_a_deployed_client_keeps_its_control_across_a_restart(tmp_path):
     assert torch.equal(again.arrays["control_delta"], expected.arrays["control_delta"])
     assert torch.equal(again.arrays["update"], expected.arrays["update"])
     assert not torch.equal(forgot.arrays["update"], expected.arrays["update"])
+
+
+def test_under_central_dp_the_server_control_does_not_depend_on_how_many_answered():
+    """The control is sent to every client: it must scale by the expected count, as the noisy mean does."""
+    from fedlearn.protocol.messages import TrainResult
+    from fedlearn.strategies.base import Sampler, ServerState
+    from fedlearn.strategies.dp import CentralDP
+
+    inner = build_strategy("scaffold", LocalConfig(), sampler=Sampler(0.5))
+    strategy = CentralDP(inner, clip_norm=1e6, noise_multiplier=0.0, delta=1e-5, population=4)
+    weights = torch.zeros(6)
+    state = ServerState(weights, {"control": torch.zeros(6)})
+    strategy.sampler.sample([f"c{i}" for i in range(4)], 1, 0)
+    delta = torch.arange(6, dtype=torch.float32)
+    controls = []
+    for answered in (1, 3):
+        aggregator = strategy.aggregator(1, state)
+        for i in range(answered):
+            arrays = {"update": torch.zeros(6), "control_delta": delta / answered}
+            aggregator.add(TrainResult(1, f"c{i}", 5, arrays), arrays)
+        controls.append(strategy.apply(state, aggregator.result(), aggregator.count).extras["control"])
+    # the same summed control delta, whoever answered: control = (qK / K) * sum / (qK)
+    assert torch.allclose(controls[0], controls[1])
+    assert torch.allclose(controls[0], delta / 4)

@@ -44,15 +44,19 @@ class ClientPolicy:
     hooks: dict[str, TrainHook] = field(default_factory=dict)
 
     def pipeline(self, requested: list[UpdateTransform]) -> list[UpdateTransform]:
-        """The transforms to apply: the requested ones (refusing any weaker than the policy), then the
-        policy's own that the task did not request, in the policy's order."""
-        by_name = {t.name: t for t in self.transforms}
-        for t in requested:
-            own = by_name.get(t.name)
-            if own is not None and t.weaker_than(own):
-                raise TaskRefused(f"task asks for {t.request()}, weaker than this client's policy {own.request()}")
-        names = {t.name for t in requested}
-        return [*requested, *(t for t in self.transforms if t.name not in names)]
+        """The transforms to apply: the policy's, in the policy's order (a requested one of the same kind
+        replaces it only if it is at least as strong, else the task is refused), then the other requested
+        ones in their order, so anything a server adds is post-processing of the privatized update."""
+        asked = {t.name: t for t in requested}
+        own = []
+        for mine in self.transforms:
+            theirs = asked.get(mine.name)
+            if theirs is not None and theirs.weaker_than(mine):
+                raise TaskRefused(f"task asks for {theirs.request()}, weaker than this client's policy "
+                                  f"{mine.request()}")
+            own.append(theirs if theirs is not None else mine)
+        names = {t.name for t in self.transforms}
+        return [*own, *(t for t in requested if t.name not in names)]
 
     def train_hooks(self, requested: list[TrainHook]) -> list[TrainHook]:
         """The requested hooks, checked against the policy's; the policy's own are added when not requested."""

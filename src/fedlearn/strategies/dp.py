@@ -219,7 +219,9 @@ class CentralDP(Wrapper):
     def apply(self, state: ServerState, aggregate: Arrays, count: int) -> ServerState:
         if self.adaptive_quantile is not None:
             self._adapt_clip_norm(self._noisy)
-        return self.inner.apply(state, aggregate, count)
+        # The inner strategy sees the expected count, never the realised one (SCAFFOLD scales its control by
+        # it, and the control is sent to every client).
+        return self.inner.apply(state, aggregate, self._noisy.expected)
 
     def _adapt_clip_norm(self, noisy: NoisySum) -> None:
         """Geometric update towards the target quantile from a privatized count (Andrew et al. 2021)."""
