@@ -38,6 +38,8 @@ RUN_FLAGS: dict[str, tuple[type, str]] = {
     "--partition": (str, "iid, dirichlet, shards, quantity or natural"),
     "--alpha": (float, "Dirichlet concentration (smaller = more label skew)"),
     "--shards-per-client": (int, "shards per client for --partition shards"),
+    "--min-partition-size": (int, "fewest training samples a client gets; 0 lets clients hold none (they are never "
+                             "sampled), as W2 on digits needs"),
     "--client-test-fraction": (float, "share of each client's data held out as its local test set"),
     "--evaluation": (str, "centralized, federated or both"),
     "--dp": (str, "none; central: DP-FedAvg (clip, server-side Gaussian noise, Poisson sampling); local: clients "

@@ -78,7 +78,7 @@ def test_dirichlet_respects_min_size() -> None:
 
 def test_dirichlet_gives_up_with_clear_error() -> None:
     # 200 clients sharing 2 classes of 300 samples at alpha 0.01: some client always ends up empty.
-    with pytest.raises(DataError, match=f"after {DIRICHLET_TRIES} draws.*raise alpha"):
+    with pytest.raises(DataError, match=f"after {DIRICHLET_TRIES} draws.*raise --alpha"):
         partition_indices(_labels(300, classes=2), 200, "dirichlet", seed=0, alpha=0.01)
 
 

@@ -87,7 +87,8 @@ class ClientApp:
         self.commit_state = commit_state  # a deployed client persists its state after every task
 
     def client_ids(self) -> list[str]:
-        return list(self.clients)
+        """The clients that can take part: those holding training data (a client without any is never sampled)."""
+        return [cid for cid, data in self.clients.items() if len(data.train) > 0]
 
     def __call__(self, task: Message) -> Message:
         """The answer to one task; TaskRefused or another FedLearnError when the client will not answer."""

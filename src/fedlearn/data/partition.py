@@ -55,7 +55,8 @@ def _dirichlet(labels: np.ndarray, num_clients: int, alpha: float, min_size: int
             return parts
     raise DataError(
         f"dirichlet partition: after {DIRICHLET_TRIES} draws some of the {num_clients} clients still had fewer "
-        f"than {min_size} sample(s) with alpha={alpha}; raise alpha or use fewer clients"
+        f"than {min_size} sample(s) with alpha={alpha}; raise --alpha, use fewer clients, or let clients hold no "
+        "data with --min-partition-size 0 (they are never sampled)"
     )
 
 

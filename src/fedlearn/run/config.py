@@ -53,6 +53,7 @@ class RunConfig(TrainingKeys):
     partition: str = "dirichlet"
     alpha: float = 0.5
     shards_per_client: int = 2
+    min_partition_size: int = 1
     client_test_fraction: float = 0.2
     evaluation: str = "centralized"
     dp: str = "none"
@@ -128,6 +129,9 @@ class RunConfig(TrainingKeys):
         for name in ("clients", "rounds", "local_epochs", "batch_size", "shards_per_client", "threads", "min_clients"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{_flag(name)} must be a positive integer; got {getattr(self, name)}")
+        if self.min_partition_size < 0:
+            raise ConfigError(f"--min-partition-size must be >= 0 (0: clients may hold no data and are never "
+                              f"sampled); got {self.min_partition_size}")
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"--fraction must be in (0, 1]; got {self.fraction}")
         if self.alpha <= 0:

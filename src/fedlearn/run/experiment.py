@@ -67,7 +67,7 @@ def build_clients(config: RunConfig, bundle: DatasetBundle) -> tuple[dict[str, C
     labels, classes = partition_labels(bundle, "train")
     shares = partition_indices(
         labels, config.clients, config.partition, seed=config.seed, alpha=config.alpha,
-        shards_per_client=config.shards_per_client, groups=bundle.train_groups,
+        shards_per_client=config.shards_per_client, groups=bundle.train_groups, min_size=config.min_partition_size,
     )
     natural = config.partition == "natural" and bundle.test_groups is not None
     test_labels, _ = partition_labels(bundle, "test")
