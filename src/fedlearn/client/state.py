@@ -315,22 +315,10 @@ class ClientStateStore:
         Leftover ``*.tmp`` files of an interrupted commit are deleted.
         """
         store = cls(directory, max_cached=max_cached)
-        assert store.directory is not None
         newest: dict[str, tuple[int, Path]] = {}
-        removed = False
-        for path in store.directory.iterdir():
-            if _TMP_RE.match(path.name):
-                path.unlink(missing_ok=True)
-                removed = True
-                continue
-            match = _FILE_RE.match(path.name)
-            if match is None:
-                continue
-            digest, version = match.group(1), int(match.group(2))
+        for digest, version, path in store._state_files():
             if digest not in newest or version > newest[digest][0]:
                 newest[digest] = (version, path)
-        if removed:
-            _fsync_dir(store.directory)
         for version, path in newest.values():
             data = _read_file(path, None, version, mmap=True)  # mmap: only the client id is needed now
             store._versions[data["client_id"]] = version
@@ -357,20 +345,27 @@ class ClientStateStore:
         while len(self._cache) > self.max_cached:
             self._cache.popitem(last=False)
 
-    def _remove_files(self, index: dict[str, int]) -> None:
-        """Delete tmp leftovers, files of clients not in ``index`` and files of versions newer than the index."""
+    def _state_files(self) -> list[tuple[str, int, Path]]:
+        """(client digest, version, path) of every state file here, after deleting leftover ``*.tmp`` files."""
         assert self.directory is not None
-        by_digest = {_digest(cid): v for cid, v in index.items()}
-        removed = False
+        found, removed = [], False
         for path in self.directory.iterdir():
             if _TMP_RE.match(path.name):
                 path.unlink(missing_ok=True)
                 removed = True
                 continue
             match = _FILE_RE.match(path.name)
-            if match is None:
-                continue
-            digest, version = match.group(1), int(match.group(2))
+            if match is not None:
+                found.append((match.group(1), int(match.group(2)), path))
+        if removed:
+            _fsync_dir(self.directory)
+        return found
+
+    def _remove_files(self, index: dict[str, int]) -> None:
+        """Delete tmp leftovers, files of clients not in ``index`` and files of versions newer than the index."""
+        by_digest = {_digest(cid): v for cid, v in index.items()}
+        removed = False
+        for digest, version, path in self._state_files():
             if digest not in by_digest or version > by_digest[digest]:
                 path.unlink(missing_ok=True)
                 removed = True

@@ -240,22 +240,25 @@ class FedAdagrad(_Adaptive):
         v.add_(d2)
 
 
+@dataclass(frozen=True)
+class _SecondMomentConfig:
+    """Settings of FedAdam and FedYogi (the same four)."""
+
+    lr: float = field(default=0.01, metadata=_help(_LR))
+    beta1: float = field(default=0.9, metadata=_help(_BETA1))
+    beta2: float = field(default=0.99, metadata=_help(_BETA2))
+    tau: float = field(default=1e-3, metadata=_help(_TAU))
+
+    def validate(self) -> None:
+        """Refuse a non-positive lr or tau, beta1 outside [0, 1) or beta2 outside (0, 1)."""
+        _validate_adaptive(self, beta2=True)
+
+
 @register("optimizer", "adam")
 class FedAdam(_Adaptive):
     """FedAdam (Reddi et al., 2021): ``v = beta2 * v + (1 - beta2) * delta^2``."""
 
-    @dataclass(frozen=True)
-    class Config:
-        """Settings of FedAdam."""
-
-        lr: float = field(default=0.01, metadata=_help(_LR))
-        beta1: float = field(default=0.9, metadata=_help(_BETA1))
-        beta2: float = field(default=0.99, metadata=_help(_BETA2))
-        tau: float = field(default=1e-3, metadata=_help(_TAU))
-
-        def validate(self) -> None:
-            """Refuse a non-positive lr or tau, beta1 outside [0, 1) or beta2 outside (0, 1)."""
-            _validate_adaptive(self, beta2=True)
+    Config = _SecondMomentConfig
 
     def _update_v(self, v: torch.Tensor, d2: torch.Tensor) -> None:
         v.mul_(self.config.beta2).add_(d2, alpha=1.0 - self.config.beta2)
@@ -265,18 +268,7 @@ class FedAdam(_Adaptive):
 class FedYogi(_Adaptive):
     """FedYogi (Reddi et al., 2021): ``v = v - (1 - beta2) * delta^2 * sign(v - delta^2)``."""
 
-    @dataclass(frozen=True)
-    class Config:
-        """Settings of FedYogi."""
-
-        lr: float = field(default=0.01, metadata=_help(_LR))
-        beta1: float = field(default=0.9, metadata=_help(_BETA1))
-        beta2: float = field(default=0.99, metadata=_help(_BETA2))
-        tau: float = field(default=1e-3, metadata=_help(_TAU))
-
-        def validate(self) -> None:
-            """Refuse a non-positive lr or tau, beta1 outside [0, 1) or beta2 outside (0, 1)."""
-            _validate_adaptive(self, beta2=True)
+    Config = _SecondMomentConfig
 
     def _update_v(self, v: torch.Tensor, d2: torch.Tensor) -> None:
         v.sub_((1.0 - self.config.beta2) * d2 * torch.sign(v - d2))
