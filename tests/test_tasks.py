@@ -305,3 +305,37 @@ def test_linear_regression_trains_on_synthetic_data() -> None:
     metrics = scores.metrics()
     assert metrics["mse"] < 3 * NOISE_STD ** 2 and metrics["mae"] < 3 * NOISE_STD
     assert scores.sums()["n"] == 200.0
+
+
+def test_federated_multilabel_auc_is_pooled_from_the_clients_histograms():
+    """Federated evaluation pools the clients' sums: loss and accuracy exactly, AUC within its stated bound."""
+    from torch import nn
+
+    from fedlearn.client.app import ClientApp
+    from fedlearn.client.data import ClientData
+    from fedlearn.client.trainer import LocalTrainer, evaluate_model
+    from fedlearn.data.arrays import ArrayDataset
+    from fedlearn.protocol.params import ModelVector
+    from fedlearn.runtime.inprocess import InProcessRuntime
+    from fedlearn.server.loop import RoundLoop
+    from fedlearn.strategies import build_strategy
+
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    parts = []
+    for size in (40, 25):
+        x = torch.randn(size, 6, generator=g)
+        y = (x[:, :3] + 0.5 * torch.randn(size, 3, generator=g) > 0).float()
+        parts.append(ArrayDataset(x, y))
+    clients = {f"c{i}": ClientData(p, p) for i, p in enumerate(parts)}
+    app = ClientApp(LocalTrainer(model, "cpu", task="multilabel"), clients)
+    vector = ModelVector(model)
+    loop = RoundLoop(build_strategy("fedavg"), InProcessRuntime(app), vector.spec, vector.read(),
+                     federated_eval=True, reported=("loss", "accuracy", "auc"))
+    fed = loop.evaluate_federated(0)
+    union = ArrayDataset(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]))
+    _, exact = evaluate_model(model, union, torch.device("cpu"), task="multilabel", pooled=False)
+    assert fed["loss"] == pytest.approx(exact["loss"], rel=1e-12)
+    assert fed["accuracy"] == pytest.approx(exact["accuracy"], rel=1e-12)
+    assert abs(fed["auc"] - exact["auc"]) <= fed["auc_max_error"] + 1e-12

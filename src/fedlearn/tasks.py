@@ -362,6 +362,28 @@ class Regression(Task):
 _REGISTRY: dict[str, Task] = {task.name: task for task in (Classification(), Multilabel(), Regression())}
 
 
+SUM_PREFIX = "sum."  # a client's evaluation sums travel as "sum.<task>.<key>" metrics
+
+
+def pool_task_sums(payloads: Iterable[Mapping[str, float]]) -> Metrics:
+    """The exact pooled metrics from clients' ``sum.<task>.<key>`` evaluation metrics; {} when none sent any."""
+    by_task: dict[str, list[dict[str, float]]] = {}
+    for metrics in payloads:
+        for name in {k.split(".", 2)[1] for k in metrics if k.startswith(SUM_PREFIX) and k.count(".") >= 2}:
+            prefix = f"{SUM_PREFIX}{name}."
+            by_task.setdefault(name, []).append({k[len(prefix):]: v for k, v in metrics.items()
+                                                 if k.startswith(prefix)})
+    if len(by_task) != 1:
+        return {}
+    (name, sums), = by_task.items()
+    if name not in TASKS:
+        return {}
+    try:
+        return get_task(name).scores_type.pool(sums)
+    except ValueError:
+        return {}
+
+
 def get_task(name: str) -> Task:
     """The task called ``name`` (one of TASKS); ConfigError for any other name."""
     task = _REGISTRY.get(str(name).strip().lower())

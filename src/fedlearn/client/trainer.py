@@ -17,7 +17,7 @@ from fedlearn.metrics import BinaryScores
 from fedlearn.protocol.local import LocalConfig
 from fedlearn.protocol.messages import Arrays, EvalTask, TrainTask
 from fedlearn.protocol.params import ModelVector, is_personal
-from fedlearn.tasks import Task, get_task
+from fedlearn.tasks import SUM_PREFIX, Task, get_task
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (inputs, targets) -> mean loss
@@ -241,6 +241,8 @@ def evaluate_model(model: nn.Module, dataset: Dataset, device: torch.device, bat
     if n == 0:
         return 0, {}
     metrics = {k: v for k, v in scores.metrics().items() if v is not None}
+    if pooled:  # the task's additive sums, which the server pools exactly (multilabel AUC from histograms)
+        metrics.update({f"{SUM_PREFIX}{task.name}.{k}": v for k, v in scores.sums().items()})
     if binary is not None:
         metrics.update(binary.federated_payload() if pooled else
                        {k: v for k, v in binary.metrics().items() if v is not None})

@@ -25,6 +25,7 @@ from fedlearn.registry import NoConfig, build
 from fedlearn.seeding import derive_seed
 from fedlearn.strategies.aggregate import WeightedMean
 from fedlearn.strategies.optimizers import ServerOptimizer, ServerSGD
+from fedlearn.tasks import pool_task_sums
 from fedlearn.transforms.base import UpdateTransform
 
 
@@ -236,8 +237,8 @@ class Strategy:
         keys = set.intersection(*(set(r.metrics) for r in results)) & {"loss", "accuracy", "mse", "mae", "auc"}
         out: dict[str, Any] = {k: sum(r.metrics[k] * r.num_examples for r in results) / n for k in sorted(keys)}
         out["num_examples"] = n
-        pooled = pool_federated(r.metrics for r in results)
-        out.update(pooled)
+        out.update({k: v for k, v in pool_task_sums(r.metrics for r in results).items() if v is not None})
+        out.update(pool_federated(r.metrics for r in results))
         return out
 
     def round_metrics(self) -> dict[str, Any]:
