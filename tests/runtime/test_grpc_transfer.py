@@ -232,3 +232,31 @@ def test_remote_client_with_a_wrong_token_stops_instead_of_retrying(tmp_path):
             accepted.stop.set()
             running.thread.join(WAIT)
             accepted.close()
+
+
+def test_remote_client_refuses_a_malformed_task_and_keeps_serving_the_run():
+    """A task the client cannot run (a hook asking for an array the task lacks) costs that task only."""
+    from fedlearn.runtime.base import ClientFailure
+
+    model = _tiny_model()
+    spec = ParamSpec.from_module(model)
+    data = _client_data()
+    config = LocalConfig(local_epochs=1, batch_size=5, lr=0.1, seed=5).to_dict()
+    with serving(spec, round_timeout=3.0) as (runtime, target):
+        client = RemoteClient(target, "c1", _app(model, "c1", data), poll_seconds=1.0, rpc_timeout=WAIT,
+                              give_up_after=WAIT)
+        running = InThread(client.run)
+        try:
+            weights = flatten_module(model)
+            bad = TrainTask(1, "c1", {"weights": weights}, {**config, "hooks": {"scaffold": {}}})
+            (first,) = list(runtime.deliver([bad]))
+            assert isinstance(first, ClientFailure)
+            good = TrainTask(2, "c1", {"weights": weights}, config, model_version=1)
+            (second,) = list(runtime.deliver([good]))
+            assert isinstance(second, TrainResult) and set(second.arrays) == {"update"}
+            runtime.finish()
+            assert running.wait() == 1  # one task answered; the process did not die on the bad one
+        finally:
+            client.stop.set()
+            running.thread.join(WAIT)
+            client.close()

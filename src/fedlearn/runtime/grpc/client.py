@@ -139,8 +139,12 @@ class RemoteClient:
             result = self.app(decode(body))
             self._upload(info.task_id, encode(result))
             self.tasks_done += 1
+        except ClientRefused:
+            raise
         except (SecAggProtocolError, TaskRefused) as exc:  # asked for what the protocol or policy forbids: silent
             log.warning("task %s refused: %s", info.task_id, exc)
+        except FedLearnError as exc:  # a malformed or impossible task: refuse it and keep serving the run
+            log.warning("task %s failed here: %s", info.task_id, exc)
         except grpc.RpcError as exc:
             if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
                               grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.INVALID_ARGUMENT):
