@@ -39,7 +39,7 @@ from fedlearn.models import build_model
 from fedlearn.run.config import RunConfig
 from fedlearn.run.experiment import build_experiment
 from fedlearn.seeding import derive_seed
-from fedlearn.server.sampling import sample_clients
+from fedlearn.strategies.base import Sampler
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EVAL_BATCH = 512  # CentralEvaluator's default batch size
@@ -96,7 +96,7 @@ def plain_run(setup: PlainSetup, model: torch.nn.Module, eval_model: torch.nn.Mo
     history = []
     n_test = setup.test_y.shape[0]
     for rnd in range(1, rounds + 1):
-        sampled = sample_clients(setup.client_ids, cfg.fraction, cfg.min_clients, cfg.seed, rnd)
+        sampled = Sampler(cfg.fraction, cfg.min_clients).sample(setup.client_ids, rnd, cfg.seed)
         weighted_sum = {k: torch.zeros_like(v) for k, v in global_state.items()}
         total = 0
         train_loss_sum = 0.0

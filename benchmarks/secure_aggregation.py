@@ -188,11 +188,11 @@ def training_rounds(data_dir: str, keys: Path, repeats: int, modes: list[str],
         if mode == "plain":
             sums = None
         elif mode == "ckks":
-            sums = HomomorphicRound(str(keys / "public.ctx"), spec.numel)
+            sums = HomomorphicRound(str(keys / "public.ctx"))
         else:
             settings = SecAggSettings(mode, 2 / 3, 32, 1.0, None, max_weight)
             settings.check(strategy)
-            sums = SecureAggregationRound(settings, spec.numel)
+            sums = SecureAggregationRound(settings)
         runtime = InProcessRuntime(ClientApp(trainer, clients, secure=SecureClients(keys)))
         loops[mode] = RoundLoop(strategy, runtime, spec, trainer.vector.read(), sums=sums)
     seconds: dict[str, list[float]] = {mode: [] for mode in loops}

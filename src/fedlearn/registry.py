@@ -166,6 +166,18 @@ def make_config(kind: str, cls: type, values: Mapping[str, Any]) -> Any:
     return config
 
 
+def config_from_fields(kind: str, cls: type, settings: Mapping[str, Any]) -> Any:
+    """``cls.Config`` from settings named by *field* (as a task carries them), unknown names refused."""
+    by_field = {f.name: flag_name(kind, f) for f in fields(cls.Config)}
+    unknown = set(settings) - set(by_field)
+    if unknown:
+        from fedlearn.errors import InvalidUpdateError
+
+        raise InvalidUpdateError(f"{kind} {cls.registered_name!r} has no setting {sorted(unknown)[0]!r}; server and "
+                                 "client run different fedlearn releases")
+    return make_config(kind, cls, {by_field[k]: v for k, v in settings.items()})
+
+
 def flag(key: str) -> str:
     """A config key as the command-line flag that sets it."""
     return "--" + key.replace("_", "-")

@@ -85,7 +85,7 @@ def loop(strategy, settings: SecAggSettings | None, drop: dict[str, str] | None 
     trainer = LocalTrainer(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), device="cpu")
     clients = {n: ClientData(data(10 + 3 * i, i)) for i, n in enumerate(names)}
     spec = trainer.vector.spec
-    sums = SecureAggregationRound(settings, spec.numel) if settings else None
+    sums = SecureAggregationRound(settings) if settings else None
     return RoundLoop(strategy, runtime(ClientApp(trainer, clients), drop or {}), spec, trainer.vector.read(),
                      sums=sums)
 
@@ -171,7 +171,7 @@ def he_loop(strategy, keys, key_holder=None, drop=None, runtime: type[Flaky] = F
     app = ClientApp(trainer, clients, secure=SecureClients(keys))
     spec = trainer.vector.spec
     return RoundLoop(strategy, runtime(app, drop or {}), spec, trainer.vector.read(),
-                     sums=HomomorphicRound(str(keys / "public.ctx"), spec.numel, key_holder))
+                     sums=HomomorphicRound(str(keys / "public.ctx"), key_holder))
 
 
 def test_ckks_fedavg_equals_plain_fedavg_within_ckks_error(he_keys):
@@ -190,7 +190,7 @@ def test_ckks_server_holds_no_secret_key(he_keys):
     assert not secure.context.is_private()
     assert not context_holds_secret_key(secure.context.serialize(save_secret_key=True))  # nothing to save
     with pytest.raises(ConfigError, match="secret key"):
-        HomomorphicRound(str(he_keys / "secret.ctx"), 10)
+        HomomorphicRound(str(he_keys / "secret.ctx"))
 
 
 def test_ckks_round_without_a_key_holder_keeps_the_weights(he_keys, tmp_path, caplog):

@@ -11,16 +11,16 @@ run it under ``torch.func.vmap`` across clients.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from fedlearn.errors import ConfigError, InvalidUpdateError
+from fedlearn.errors import InvalidUpdateError
 from fedlearn.protocol.local import LocalConfig
 from fedlearn.protocol.messages import Arrays, TrainTask
-from fedlearn.registry import NoConfig, flag_name, lookup, make_config, positive, register
+from fedlearn.registry import NoConfig, config_from_fields, lookup, positive, register
 
 
 @dataclass
@@ -110,17 +110,8 @@ def build_hooks(requests: Any) -> list[TrainHook]:
     hooks = []
     for name in sorted(requests):
         cls = lookup("hook", name)
-        hooks.append(cls(make_config("hook", cls, _prefixed(cls, requests[name]))))
+        hooks.append(cls(config_from_fields("hook", cls, requests[name])))
     return hooks
-
-
-def _prefixed(cls: type, settings: dict[str, Any]) -> dict[str, Any]:
-    """A hook's settings as sent (field names) turned into the registry's flat keys."""
-    by_field = {f.name: flag_name("hook", f) for f in fields(cls.Config)}
-    unknown = set(settings) - set(by_field)
-    if unknown:
-        raise ConfigError(f"hook {cls.registered_name!r} has no setting {sorted(unknown)[0]!r}")
-    return {by_field[k]: v for k, v in settings.items()}
 
 
 @register("hook", "prox")

@@ -192,13 +192,13 @@ def client_app(config: RunConfig, model: torch.nn.Module, clients: dict[str, Cli
                      commit_state=commit_state)
 
 
-def secure_round(config: RunConfig, strategy: Strategy, length: int,
+def secure_round(config: RunConfig, strategy: Strategy,
                  clients: dict[str, ClientData]) -> SecureAggregationRound | HomomorphicRound | None:
     """The secure-aggregation or HE exchange ``config`` asks for, checked against the strategy; None without one."""
     if config.he != "none" or config.secure_aggregation != "none":
         require_sum_only(strategy)
     if config.he == "ckks":
-        return HomomorphicRound(str(Path(config.he_keys) / "public.ctx"), length, config.he_key_holder)
+        return HomomorphicRound(str(Path(config.he_keys) / "public.ctx"), config.he_key_holder)
     if config.secure_aggregation == "none":
         return None
     max_weight = config.secagg_max_weight
@@ -211,7 +211,7 @@ def secure_round(config: RunConfig, strategy: Strategy, length: int,
     settings = SecAggSettings(config.secure_aggregation, config.secagg_threshold, config.secagg_bits, clip,
                               config.secagg_neighbours, max_weight)
     settings.check(strategy)
-    return SecureAggregationRound(settings, length)
+    return SecureAggregationRound(settings)
 
 
 def build_experiment(
@@ -251,7 +251,7 @@ def build_experiment(
         min_fit_fraction=config.min_fit_fraction, seed=config.seed,
         evaluator=evaluator, federated_eval=config.evaluation in ("federated", "both"),
         checkpoint_path=checkpoint_path, callbacks=callbacks,
-        sums=secure_round(config, strategy, vector.spec.numel, clients), client_state=state,
+        sums=secure_round(config, strategy, clients), client_state=state,
         before_round=before_round, reported=get_task(task).reported,
     )
     return Experiment(config, bundle, clients, info, loop, server_model, task)

@@ -91,9 +91,8 @@ class SecureRoundOutcome:
 class SecureAggregationRound:
     """Runs one round's advertise -> share -> train+mask -> unmask exchange and feeds the sum to the strategy."""
 
-    def __init__(self, settings: SecAggSettings, length: int) -> None:
+    def __init__(self, settings: SecAggSettings) -> None:
         self.settings = settings
-        self.length = length
         self.name = settings.mode
 
     def collect(self, rnd: int, tasks: list[TrainTask], loop: Any,
@@ -195,9 +194,8 @@ class HomomorphicRound:
 
     name = "ckks"
 
-    def __init__(self, public_context_path: str, length: int, key_holder: str | None = None) -> None:
+    def __init__(self, public_context_path: str, key_holder: str | None = None) -> None:
         self.context = he.load_public_context(public_context_path)  # refuses a context holding the secret key
-        self.length = length
         self.key_holder = key_holder
 
     def collect(self, rnd: int, tasks: list[TrainTask], loop: Any,

@@ -22,7 +22,7 @@ import torch
 from fedlearn.errors import CheckpointError, ConfigError
 from fedlearn.privacy.dp import gaussian_noise, noise_generator
 from fedlearn.protocol.local import LocalConfig
-from fedlearn.protocol.messages import Arrays, EvalResult, EvalTask, TrainResult, TrainTask
+from fedlearn.protocol.messages import Arrays, EvalResult, EvalTask, TrainResult
 from fedlearn.strategies.base import Aggregator, MeanAggregator, PoissonSampler, ServerState, Strategy
 from fedlearn.transforms.base import joint_norm
 from fedlearn.transforms.clip import Clip
@@ -40,7 +40,6 @@ class Wrapper(Strategy):
         self.secure_extras = inner.secure_extras
         self.sampler = inner.sampler
         self.optimizer = inner.optimizer
-        self.config = inner.config
 
     @property
     def local(self) -> LocalConfig:  # type: ignore[override]
@@ -67,8 +66,10 @@ class Wrapper(Strategy):
     def task_arrays(self, state: ServerState) -> Arrays:
         return self.inner.task_arrays(state)
 
-    def configure_train(self, rnd: int, state: ServerState, client_ids: Sequence[str], seed: int) -> list[TrainTask]:
-        return self.inner.configure_train(rnd, state, client_ids, seed)
+    def client_config(self, rnd: int, client_id: str) -> dict[str, Any]:
+        return self.inner.client_config(rnd, client_id)
+    # configure_train is Strategy's: it reads hooks(), local, uplink and transforms through this wrapper,
+    # so a wrapper that adds a hook (DP-SGD) needs no task patching.
 
     def expected_arrays(self, state: ServerState) -> dict[str, int]:
         return self.inner.expected_arrays(state)
@@ -334,12 +335,6 @@ class DPSGD(Wrapper):
     def hooks(self) -> dict[str, dict[str, Any]]:
         return {**self.inner.hooks(), "dpsgd": {"clip": self.clip_norm, "noise_multiplier": self.noise_multiplier,
                                                 "delta": self.delta, "accountant": self.kind}}
-
-    def configure_train(self, rnd: int, state: ServerState, client_ids: Sequence[str], seed: int) -> list[TrainTask]:
-        tasks = self.inner.configure_train(rnd, state, client_ids, seed)
-        for task in tasks:  # the inner strategy's tasks ask for its hooks only; add the dpsgd hook
-            task.config["hooks"] = self.hooks()
-        return tasks
 
     def aggregator(self, rnd: int, state: ServerState) -> Aggregator:
         return _EpsilonTracking(self.uplink, self.inner.weighting or "examples", self.epsilons)

@@ -10,14 +10,14 @@ client's own policy: a task may request them, but a client refuses a request wea
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 import torch
 
 from fedlearn.errors import InvalidUpdateError
 from fedlearn.protocol.messages import Arrays
-from fedlearn.registry import NoConfig, flag_name, lookup, make_config
+from fedlearn.registry import NoConfig, config_from_fields, lookup
 
 
 @dataclass
@@ -75,10 +75,5 @@ def build_transforms(requests: Any) -> list[UpdateTransform]:
     out = []
     for request in requests:
         cls = lookup("transform", request["name"])
-        settings = {k: v for k, v in request.items() if k != "name"}
-        by_field = {f.name: flag_name("transform", f) for f in fields(cls.Config)}
-        unknown = set(settings) - set(by_field)
-        if unknown:
-            raise InvalidUpdateError(f"transform {request['name']!r} has no setting {sorted(unknown)[0]!r}")
-        out.append(cls(make_config("transform", cls, {by_field[k]: v for k, v in settings.items()})))
+        out.append(cls(config_from_fields("transform", cls, {k: v for k, v in request.items() if k != "name"})))
     return out
