@@ -88,12 +88,12 @@ def finish(proc: subprocess.Popen, timeout: float = 120) -> int:
 
 
 def run_federation(procs: Procs, tmp_path: Path, server_cfg: Path, client_cfg: Path, clients: int,
-                   *server_args: str) -> list[dict]:
+                   *server_args: str, output: str = "grpc") -> list[dict]:
     """A server (given ``server_args`` too) and ``clients`` client processes through a whole run; the server's
     metrics rows."""
     port = free_port()
     server = procs.start("server", "server", "--config", str(server_cfg), "--address", f"127.0.0.1:{port}",
-                         "--output", str(tmp_path / "grpc"), *server_args)
+                         "--output", str(tmp_path / output), *server_args)
     started = [procs.start(f"client{i}", "client", "--server", f"127.0.0.1:{port}", "--config", str(client_cfg),
                            "--partition-index", str(i)) for i in range(clients)]
     assert finish(server) == 0, procs.log("server")
@@ -302,10 +302,17 @@ def test_scaffold_over_grpc_matches_the_simulation_with_each_client_keeping_its_
     assert main(["run", "--quiet", "--config", str(cfg), "--output", str(tmp_path / "sim")]) == 0
     assert grpc_rows == rows(tmp_path / "sim")
     assert all(r["clients_succeeded"] == 2 for r in grpc_rows)
-    for i in range(2):  # each client's control in its own folder beside where it ran: only the last round's
+    run_id = (tmp_path / "grpc" / "run_id").read_text().strip()
+    for i in range(2):  # each client's control in its own folder beside where it ran, under the run's id
         (folder,) = (tmp_path / "fedlearn-client-state").glob(f"client-{i}-*")
-        assert [p.name.rsplit("-", 1)[1] for p in folder.iterdir()] == ["2.pt"], sorted(folder.iterdir())
+        (run_folder,) = folder.iterdir()
+        assert run_folder.name.startswith(run_id[:40]), (run_folder, run_id)
+        assert [p.name.rsplit("-", 1)[1] for p in run_folder.iterdir()] == ["2.pt"], sorted(run_folder.iterdir())
     assert not list((tmp_path / "grpc").glob("client_state*"))  # the server holds no client's control
+    # The same client processes' folders, a new run: the old run's controls must not leak into it.
+    again = run_federation(procs, tmp_path, cfg, cfg, 2, output="grpc2")
+    assert again == grpc_rows
+    assert all(len(list(folder.iterdir())) == 2 for folder in (tmp_path / "fedlearn-client-state").iterdir())
 
 
 def test_client_refuses_seeded_privacy(tmp_path, capsys) -> None:

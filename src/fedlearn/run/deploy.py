@@ -113,6 +113,7 @@ def serve(
     config = experiment.config
     runtime = holder["runtime"]
     runtime.completed_rounds = experiment.loop.round
+    runtime.run_id = run_dir.run_id  # the same id after --resume, so clients find their state again
     auth = Authenticator(mtls=True, tokens=store) if tls.ca else (Authenticator(tokens=store) if store else None)
     server, port = start_server(runtime, address, auth=auth, credentials=credentials)
     security = ("TLS" if credentials else "plaintext") + (", mutual TLS" if tls.ca else "") + (
@@ -207,15 +208,22 @@ def run_client(
         raise ConfigError("seeded_privacy makes privacy noise predictable and is for simulations only; remove it "
                           "from this client's config")
     client_id, data = client_data_for(config, bundle, partition_index, client_id)
-    # This client's own state (SCAFFOLD's control, ...) survives a restart in its own folder.
-    state = ClientStateStore.open_latest(Path(state_dir or f"fedlearn-client-state/{_safe(client_id)}"))
     app = client_app(config, initial_model(config, bundle), {client_id: data}, config.task_name or bundle.task,
-                     state=state, commit_state=True)
+                     commit_state=True)
+    state_root = Path(state_dir or f"fedlearn-client-state/{_safe(client_id)}")
+
+    def open_state(run_id: str) -> None:
+        # This client's own state (SCAFFOLD's control, ...) survives a restart in its own folder, one per run:
+        # another run (or a server started afresh) never sees a control variate made for a different model.
+        app.state = ClientStateStore.open_latest(state_root / _safe(run_id))
+        logging.getLogger("fedlearn.client").info("client state in %s (%d entries)", state_root / _safe(run_id),
+                                                  len(app.state))
+
     # The first optimizer a process builds imports torch._dynamo (~2 s here): pay it before joining,
     # not inside round 1's deadline.
     torch.optim.SGD(app.trainer.model.parameters(), lr=0.1)
     client = RemoteClient(server, client_id, app, credentials=credentials, token=token,
-                          poll_seconds=poll_seconds, give_up_after=give_up_after)
+                          poll_seconds=poll_seconds, give_up_after=give_up_after, on_join=open_state)
     logging.getLogger("fedlearn.client").info("client %s joining %s", client_id, server)
     try:
         return client.run()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ SUMMARY = "summary.json"
 MODEL = "model.pt"
 CURVES = "curves.png"
 CHECKPOINT = "checkpoint.pt"
+RUN_ID = "run_id"
 
 
 def default_run_dir() -> Path:
@@ -56,6 +59,19 @@ class RunDir:
                 f"{self.path} is not a run directory (no {CONFIG}); pass the folder given as --output"
             )
         return RunConfig().updated(load_config_file(self.path / CONFIG), source=str(self.path / CONFIG))
+
+    @property
+    def run_id(self) -> str:
+        """This run's id, made once and kept across --resume: deployed clients file their state under it."""
+        path = self.path / RUN_ID
+        if path.is_file():
+            run_id = path.read_text().strip()
+            if not re.fullmatch(r"[0-9a-f]{32}", run_id):
+                raise CheckpointError(f"{path} is damaged (not a run id); restore it or start a new run")
+            return run_id
+        run_id = uuid.uuid4().hex
+        _write_atomic(path, run_id + "\n")
+        return run_id
 
     @property
     def checkpoint(self) -> Path:

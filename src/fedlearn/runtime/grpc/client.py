@@ -59,8 +59,10 @@ class RemoteClient:
     def __init__(self, target: str, client_id: str, app: ClientApp, *,
                  credentials: grpc.ChannelCredentials | None = None, token: str | None = None,
                  poll_seconds: float = 10.0, rpc_timeout: float = 120.0, max_backoff: float = 30.0,
-                 give_up_after: float | None = None, stop: threading.Event | None = None) -> None:
+                 give_up_after: float | None = None, stop: threading.Event | None = None,
+                 on_join: Callable[[str], None] | None = None) -> None:
         self.target, self.client_id = target, client_id
+        self.on_join = on_join  # told the server's run id before the first task (the client files its state by it)
         self.app = app  # the one client entry point, as in every other runtime
         self.credentials = credentials
         self.metadata = [(CLIENT_ID_HEADER, client_id), (FORMAT_HEADER, str(FORMAT_VERSION))] + (
@@ -119,6 +121,8 @@ class RemoteClient:
         reply = self._retrying("join", lambda s: s.Join(pb.JoinRequest(client_id=self.client_id),
                                                          metadata=self.metadata, timeout=self.rpc_timeout))
         log.info("joined run %s (%d/%d rounds done)", reply.run_id, reply.completed_rounds, reply.total_rounds)
+        if self.on_join is not None:
+            self.on_join(reply.run_id)
         try:
             while not self.stop.is_set():
                 info = self._retrying("poll", lambda s: s.PollTask(
