@@ -92,10 +92,11 @@ def plain_build_models(setup: PlainSetup) -> tuple[torch.nn.Module, torch.nn.Mod
 
 def plain_run(setup: PlainSetup, model: torch.nn.Module, eval_model: torch.nn.Module, rounds: int):
     """Hand-written FedAvg. Returns (final global state_dict, per-round history)."""
-    history, global_state = [], None
-    for global_state, row in plain_rounds(setup, model, eval_model, rounds):
+    history, final = [], None
+    for state, row in plain_rounds(setup, model, eval_model, rounds):
         history.append(row)
-    return global_state, history
+        final = state
+    return final, history
 
 
 def plain_rounds(setup: PlainSetup, model: torch.nn.Module, eval_model: torch.nn.Module, rounds: int):
@@ -278,8 +279,8 @@ def bench_segments(threads: int, rounds: int, reps: int, segment: int) -> dict:
         experiment = build_experiment(config)
         plain = plain_rounds(setup, *plain_build_models(setup), rounds)
         for k, end in enumerate(range(segment, rounds + 1, segment)):
-            steps = {"fedlearn": lambda end=end: experiment.loop.run(end),
-                     "plain": lambda: [next(plain) for _ in range(segment)]}
+            steps = {"fedlearn": lambda end=end, loop=experiment.loop: loop.run(end),
+                     "plain": lambda rounds_left=plain: [next(rounds_left) for _ in range(segment)]}
             order = ["plain", "fedlearn"] if (rep + k) % 2 == 0 else ["fedlearn", "plain"]
             for side in order:
                 timed(side, steps[side])

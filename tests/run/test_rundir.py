@@ -17,4 +17,4 @@ def test_the_run_id_is_made_once_and_read_back_by_a_resumed_process(tmp_path) ->
 def test_a_damaged_run_id_is_refused_with_what_to_do(tmp_path) -> None:
     (tmp_path / RUN_ID).write_text("../../etc\n")
     with pytest.raises(CheckpointError, match="damaged.*restore it or start a new run"):
-        RunDir(tmp_path).run_id
+        _ = RunDir(tmp_path).run_id
