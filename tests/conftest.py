@@ -30,3 +30,16 @@ def shared_dataset():
         return folder
 
     return find
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_fedlearn_home(tmp_path_factory):
+    """Loopback servers started by tests publish their per-run client tokens here, not in the user's ~/.fedlearn
+    (subprocesses inherit the variable)."""
+    previous = os.environ.get("FEDLEARN_HOME")
+    os.environ["FEDLEARN_HOME"] = str(tmp_path_factory.mktemp("fedlearn-home"))
+    yield
+    if previous is None:
+        os.environ.pop("FEDLEARN_HOME", None)
+    else:
+        os.environ["FEDLEARN_HOME"] = previous

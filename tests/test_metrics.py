@@ -119,6 +119,20 @@ def test_histogram_auc_stays_within_its_reported_bound(seed: int) -> None:
     assert abs(auc - exact) <= max_error + 1e-12
 
 
+def test_every_metric_is_a_plain_python_number() -> None:
+    """A numpy float64 in a history row made the checkpoint fail weights_only loading on --resume."""
+    labels, margins = fixed_data(300, 9, decimals=2)
+    histogram = MarginHistogram.from_scores(torch.as_tensor(labels), torch.as_tensor(margins))
+    assert [type(v) for v in histogram.auc()] == [float, float]
+    scores = BinaryScores()
+    scores.update(logits_for(margins), torch.as_tensor(labels))
+    local = scores.metrics()
+    pooled = pool_federated([scores.federated_payload()])
+    for key, value in {**local, **{f"fed_{k}": v for k, v in pooled.items()}}.items():
+        assert type(value) is float, (key, type(value))
+    assert pooled["auc"] == pytest.approx(local["auc"], abs=pooled["auc_max_error"] + 1e-12)
+
+
 def split_payloads(labels: np.ndarray, margins: np.ndarray, cuts: list[int]) -> list[dict[str, float]]:
     """What clients holding consecutive slices of the data would send."""
     payloads = []

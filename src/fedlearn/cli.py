@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -17,14 +18,15 @@ from fedlearn.run.config import RunConfig, load_config_file
 # flag -> (type, help); every flag is also a YAML key (dashes become underscores)
 RUN_FLAGS: dict[str, tuple[type, str]] = {
     "--dataset": (str, "digits (built in), mnist, fashion-mnist, cifar10, femnist, pneumoniamnist, breastmnist, ..."),
-    "--data-dir": (str, "folder holding the dataset's files"),
+    "--data-dir": (str, "folder holding the dataset's files (default data/<dataset>)"),
     "--model": (str, "seed-cnn, mcmahan-2nn, mcmahan-cnn, lenet5, resnet18-gn"),
     "--algorithm": (str, "fedavg, fedsgd, fedprox, fedavgm, fedadam, fedyogi, fedadagrad, scaffold (the registry's "
                     "strategies; their own settings follow the prefix rule --server-*, --client-*)"),
     "--task": (str, "classification, multilabel or regression (default: the dataset's)"),
-    "--loss": (str, "cross-entropy, bce or mse: the loss (and so the task) to train with"),
+    "--loss": (str, "cross-entropy, bce or mse: the loss (and so the task) to train with (default: the task's)"),
     "--personal-layers": (str, "comma-separated state_dict name patterns (e.g. 'fc2.*') of layers each client "
-                          "keeps to itself: never sent, stored in its client state (FedPer-style)"),
+                          "keeps to itself: never sent, stored in its client state (FedPer-style) (default none: "
+                          "all shared)"),
     "--mu": (float, "FedProx proximal coefficient"),
     "--clients": (int, "number of clients"),
     "--fraction": (float, "fraction of clients sampled per round, in (0, 1]"),
@@ -40,17 +42,23 @@ RUN_FLAGS: dict[str, tuple[type, str]] = {
     "--shards-per-client": (int, "shards per client for --partition shards"),
     "--min-partition-size": (int, "fewest training samples a client gets; 0 lets clients hold none (they are never "
                              "sampled), as W2 on digits needs"),
-    "--client-test-fraction": (float, "share of each client's data held out as its local test set"),
+    "--update-bound": (float, "each client's update is scaled to at most this many times the previous round's "
+                       "median update norm (round 1: the model's norm), bounding any one client's influence; 0: off"),
+    "--max-examples-per-client": (int, "ceiling on the example counts a client may declare (its aggregation weight)"),
+    "--client-test-fraction": (float, "share of each client's data held out as its local test set (default 0.2 "
+                               "with --evaluation federated or both; 0 with centralized, where no one uses it)"),
     "--evaluation": (str, "centralized, federated or both"),
     "--dp": (str, "none; central: DP-FedAvg (clip, server-side Gaussian noise, Poisson sampling); local: clients "
              "clip and noise their own updates (untrusted server); dpsgd: sample-level DP-SGD in local training"),
     "--noise-multiplier": (float, "Gaussian noise std as a multiple of --clip-norm"),
     "--clip-norm": (float, "L2 bound on each client's update"),
     "--delta": (float, "DP delta (default 1 / clients^1.1)"),
-    "--target-epsilon": (float, "privacy budget: calibrate the noise to it, or stop before exceeding it"),
+    "--target-epsilon": (float, "privacy budget: calibrate the noise to it, or stop before exceeding it "
+                         "(default none: no budget)"),
     "--target-mode": (str, "calibrate (choose --noise-multiplier for --rounds) or stop (end the run at the budget)"),
     "--accountant": (str, "rdp or pld (Google's dp-accounting)"),
-    "--adaptive-clip-quantile": (float, "adapt --clip-norm to this quantile of update norms (Andrew et al. 2021)"),
+    "--adaptive-clip-quantile": (float, "adapt --clip-norm to this quantile of update norms (Andrew et al. 2021) "
+                                 "(default none: a fixed --clip-norm)"),
     "--secure-aggregation": (str, "none, secagg (Bonawitz et al. 2017) or secagg+ (Bell et al. 2020): the server "
                              "sees only the sum of the clients' updates"),
     "--secagg-threshold": (float, "clients needed to unmask: a fraction of the sampled ones (default 0.67) or a count"),
@@ -61,11 +69,12 @@ RUN_FLAGS: dict[str, tuple[type, str]] = {
     "--secagg-max-weight": (int, "largest client sample count (the weight bound; default: largest simulated client)"),
     "--he": (str, "none or ckks: clients encrypt their weighted update with CKKS (TenSEAL); the server adds "
              "ciphertexts it cannot decrypt"),
-    "--he-keys": (str, "folder from `fedlearn he keygen`: public.ctx (everyone), secret.ctx (key holder only)"),
+    "--he-keys": (str, "folder from `fedlearn he keygen`: public.ctx (everyone), secret.ctx (key holder only) "
+                  "(default none)"),
     "--he-key-holder": (str, "client id that holds secret.ctx and decrypts the sum (default: the first answering "
                         "client, for simulations)"),
     "--seed": (int, "seed for every random choice"),
-    "--threads": (int, "torch intra-op threads (1 is fastest for small models on 2 cores)"),
+    "--threads": (int, "torch intra-op threads (1 is fastest for small models on 2 cores; at most 4 per core)"),
     "--seeded-privacy": (bool, "SIMULATION ONLY: derive privacy noise and secure-aggregation rounding from --seed "
                          "for reproducible tests; the run is then not private (summary.json says so)"),
     "--device": (str, "cpu, cuda, cuda:N or auto"),
@@ -87,9 +96,65 @@ def component_flags() -> dict[str, tuple[type, str]]:
             continue
         kind = next((t for t in (bool, int, float, str) if t is setting.type or t.__name__ in str(setting.type)), str)
         owners = ", ".join(setting.owners)
-        default = "" if setting.default is None or len(setting.owners) > 1 else f" (default {setting.default})"
+        default = "" if "(default" in setting.help else f" ({_component_default(setting)})"
         out[flag(key)] = (kind, f"{setting.help} [{owners}]{default}")
     return out
+
+
+def _component_default(setting: Any) -> str:
+    """'default 0.9', or per owner where they differ: 'default 0.001 for adam, yogi; 0.01 for adagrad'."""
+    import dataclasses
+
+    from fedlearn.registry import KINDS, flag_name, lookup, names
+
+    by_default: dict[str, list[str]] = {}
+    for owner in setting.owners:  # owners of one key may be of several kinds (a strategy and a hook)
+        for kind in (k for k in KINDS if owner in names(k)):
+            for f in dataclasses.fields(lookup(kind, owner).Config):
+                if flag_name(kind, f) == setting.key:
+                    value = f.default if f.default is not dataclasses.MISSING else None
+                    by_default.setdefault("none" if value is None else str(value), []).append(owner)
+    if len(by_default) == 1:
+        return f"default {next(iter(by_default))}"
+    return "default " + "; ".join(f"{value} for {', '.join(owners)}" for value, owners in by_default.items())
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Every flag's help ends with its default: the value, 'off' for a switch, 'none' where unset means absent."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or not action.option_strings or action.default is argparse.SUPPRESS:
+            return text
+        if action.required:
+            return text + " (required)"
+        if action.nargs == 0:  # a switch (store_true, store_const)
+            return text + " (default off)"
+        return text + (" (default none)" if action.default is None else " (default %(default)s)")
+
+
+class FedLearnParser(argparse.ArgumentParser):
+    """argparse with short errors: one usage line of the subcommand at fault, one `fedlearn: error:` line, exit 2."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:  # argparse would blame the top-level parser; the flag was given to the subcommand
+            sub = next((a for a in self._actions if isinstance(a, argparse._SubParsersAction)), None)
+            command = getattr(parsed, sub.dest, None) if sub is not None else None
+            target = sub.choices.get(command, self) if sub is not None else self
+            target.error(f"unrecognized arguments: {' '.join(extra)}")
+        return parsed
+
+    def error(self, message: str) -> Any:
+        usage = " ".join(self.format_usage().split())
+        if len(usage) > 120:  # `fedlearn run` has ~70 flags: their usage fills a screen
+            usage = f"usage: {self.prog} [options] ({self.prog} --help lists them)"
+        self.exit(2, f"{usage}\nfedlearn: error: {one_line(message)}\n")
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, flags: dict[str, tuple[type, str]]) -> None:
@@ -98,6 +163,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, flags: dict[str, tuple[ty
     defaults = RunConfig().to_dict()
     for flag, (kind, text) in {**flags, **component_flags()}.items():
         default = defaults.get(flag[2:].replace("-", "_"))
+        if isinstance(default, bool):
+            default = "on" if default else "off"
         shown = f" (default {default})" if default is not None and "(default" not in text else ""
         if kind is bool:
             parser.add_argument(flag, action="store_const", const=True, default=None, help=text + shown)
@@ -112,12 +179,15 @@ def _add_process_flags(parser: argparse.ArgumentParser, insecure_help: str) -> N
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedlearn", description="Federated learning of vision models.")
+    parser = FedLearnParser(prog="fedlearn", description="Federated learning of vision models.")
     parser.add_argument("--version", action="version", version=f"fedlearn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train a federated model in simulation")
-    run.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last completed round")
-    run.add_argument("--quiet", action="store_true", help="no progress bar or table")
+    run.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last completed round "
+                     "(default: a new run)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar, per-round lines or table")
+    run.add_argument("--dry-run", action="store_true", help="check the config (and --output, or DIR's config with "
+                     "--resume), print it resolved as config.yaml would record it, and stop: trains and writes nothing")
     _add_config_flags(run, RUN_FLAGS)
 
     server = sub.add_parser("server", help="serve a run to `fedlearn client` processes over gRPC")
@@ -127,6 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--key", help="server private key (PEM)")
     server.add_argument("--client-ca", help="CA certificate clients must be signed by (mutual TLS)")
     server.add_argument("--tokens", help="file of client ids and token hashes (re-read on SIGHUP)")
+    server.add_argument("--allowed-clients", metavar="IDS|@FILE",
+                        help="the only client ids that may join: a comma list (site-a,site-b) or @FILE with one id "
+                        "per line (re-read on SIGHUP); applies to certificate names and token owners alike")
+    server.add_argument("--allow-any-client", action="store_true",
+                        help="accept whatever client id a caller claims when neither --client-ca nor --tokens "
+                        "authenticates clients (needed off loopback; on loopback the server issues per-run tokens "
+                        "instead)")
     _add_process_flags(server, "allow plaintext on a non-loopback address")
     _add_config_flags(server, {**RUN_FLAGS, **SERVER_FLAGS})
 
@@ -138,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--ca", help="CA certificate that signed the server's certificate (enables TLS)")
     client.add_argument("--cert", help="this client's certificate (mutual TLS)")
     client.add_argument("--key", help="this client's private key (mutual TLS)")
-    client.add_argument("--token-file", help="file holding this client's bearer token")
+    client.add_argument("--token-file", help="file holding this client's bearer token (default for a server on "
+                        "this machine's loopback: the per-run token it issued, found via ~/.fedlearn/loopback/)")
     _add_process_flags(client, "allow plaintext to a non-loopback server")
     client.add_argument("--state-dir", help="folder for this client's own state (SCAFFOLD's control, DP-SGD's "
                         "accountant, personal layers); default fedlearn-client-state/<client id>")
@@ -224,12 +302,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedlearn.run.runner import finish_run, prepare_run
 
     config, given = config_from_args(args)
+    if args.dry_run:
+        import yaml
+
+        from fedlearn.run.runner import check_run
+
+        checked = check_run(config, resume=args.resume, rounds=given.get("rounds"))
+        print(yaml.safe_dump(checked.to_dict(), sort_keys=False), end="")
+        return 0
     start = time.perf_counter()
     progress = RunProgress(enabled=not args.quiet)
     experiment, run_dir = prepare_run(
         config, resume=args.resume, rounds=given.get("rounds"), callbacks=[progress.update]
     )
-    with progress.running(experiment.config, experiment.loop.round):
+    with progress.running(experiment.config, experiment.loop.round, metric=experiment.final_metric):
         experiment.loop.run(experiment.config.rounds)
     summary = finish_run(experiment, run_dir, time.perf_counter() - start)
     progress.summary(summary)
@@ -241,9 +327,10 @@ def cmd_server(args: argparse.Namespace) -> int:
 
     config, given = config_from_args(args)
     tls = TLSFiles(cert=args.cert, key=args.key, ca=args.client_ca)
-    serve(config, args.address, tls=tls, tokens=args.tokens, insecure=args.insecure,
-          resume=args.resume, rounds=given.get("rounds"))
-    return 0
+    summary = serve(config, args.address, tls=tls, tokens=args.tokens, allowed_clients=args.allowed_clients,
+                    allow_any_client=args.allow_any_client, insecure=args.insecure, resume=args.resume,
+                    rounds=given.get("rounds"))
+    return int(summary.get("exit_code", 0))  # stopped by a signal: 128 + its number (130 SIGINT, 143 SIGTERM)
 
 
 def cmd_client(args: argparse.Namespace) -> int:
@@ -392,17 +479,36 @@ COMMANDS = {"run": cmd_run, "server": cmd_server, "client": cmd_client, "certs":
             "he": cmd_he, "audit": cmd_audit, "export": cmd_export, "predict": cmd_predict}
 
 
+INTERRUPTED = {
+    "run": "fedlearn: interrupted; completed rounds are saved, continue with --resume DIR",
+    "server": "fedlearn: interrupted; completed rounds are saved, continue with --resume DIR",
+    "client": "fedlearn: client interrupted; start the same command again to rejoin the run",
+}
+
+
+def one_line(message: str) -> str:
+    """An error message as one line: line breaks a path or value carried into it are shown escaped."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help and --version exit 0 as argparse does; a usage error is exit 2
+        if exc.code == 2:
+            return 2
+        raise
     configure_logging(args)
+    # gRPC's C core logs every failed handshake of a stranger at INFO: keep it to real errors unless asked
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     try:
         return COMMANDS[args.command](args)
     except FedLearnError as exc:
-        print(f"fedlearn: error: {exc}", file=sys.stderr)
+        print(f"fedlearn: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("fedlearn: interrupted; completed rounds are saved, continue with --resume DIR", file=sys.stderr)
+        print(INTERRUPTED.get(args.command, "fedlearn: interrupted"), file=sys.stderr)
         return 130
 
 

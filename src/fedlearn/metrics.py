@@ -149,15 +149,19 @@ class MarginHistogram:
         return out
 
     def auc(self) -> tuple[float | None, float | None]:
-        """(ROC AUC with same-bin pairs counted half, the most it can differ from the exact AUC)."""
-        pos = np.asarray(self.positives, dtype=np.float64)
-        neg = np.asarray(self.negatives, dtype=np.float64)
-        pairs = pos.sum() * neg.sum()
+        """(ROC AUC with same-bin pairs counted half, the most it can differ from the exact AUC).
+
+        Counted in Python ints (exact at any size) and returned as Python floats: a metric is a plain value, so
+        a history holding it stays loadable by ``torch.load(weights_only=True)``.
+        """
+        pairs = sum(self.positives) * sum(self.negatives)
         if pairs == 0:
             return None, None
-        negatives_below = np.cumsum(neg) - neg
-        tied = float((pos * neg).sum())
-        wins = float((pos * negatives_below).sum())
+        tied = wins = negatives_below = 0
+        for pos, neg in zip(self.positives, self.negatives, strict=True):
+            tied += pos * neg
+            wins += pos * negatives_below
+            negatives_below += neg
         return (wins + 0.5 * tied) / pairs, 0.5 * tied / pairs
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, fields
@@ -26,6 +27,7 @@ PREFIXES = {"strategy": "", "hook": "client", "transform": "transform", "aggrega
             "optimizer": "server", "runtime": "runtime", "scheduler": "scheduler"}
 
 _REGISTRY: dict[str, dict[str, type]] = {kind: {} for kind in KINDS}
+_version = 0  # bumped by every registration: ``settings()`` is cached per version
 T = TypeVar("T", bound=type)
 
 
@@ -40,6 +42,7 @@ def register(kind: str, name: str) -> Callable[[T], T]:
         raise ValueError(f"unknown component kind {kind!r}; one of {', '.join(KINDS)}")
 
     def decorate(cls: T) -> T:
+        global _version
         existing = _REGISTRY[kind].get(name)
         if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
             raise ValueError(f"{kind} {name!r} is registered twice ({existing.__qualname__}, {cls.__qualname__})")
@@ -47,6 +50,7 @@ def register(kind: str, name: str) -> Callable[[T], T]:
             cls.Config = NoConfig
         cls.registered_name = name
         _REGISTRY[kind][name] = cls
+        _version += 1
         return cls
 
     return decorate
@@ -92,7 +96,7 @@ def lookup(kind: str, name: str) -> type:
     cls = _REGISTRY[kind].get(name)
     if cls is None:
         flag = {"strategy": "--algorithm", "optimizer": "--server-optimizer"}.get(kind, f"--{kind}")
-        raise ConfigError(f"{flag} must be one of {', '.join(names(kind))}; got {name!r}")
+        raise ConfigError(f"{flag} must be one of {', '.join(names(kind))}; got {shown(name)}")
     return cls
 
 
@@ -117,9 +121,22 @@ class Setting:
     owners: tuple[str, ...]
 
 
+_settings_cache: tuple[int, dict[str, Setting]] | None = None
+
+
 def settings() -> dict[str, Setting]:
-    """Every config key declared by a registered component, by key (shared keys merged)."""
+    """Every config key declared by a registered component, by key (shared keys merged).
+
+    Built once per registry state (every config attribute lookup reads it; building resolves type hints).
+    """
+    global _settings_cache
     _load_builtin()
+    if _settings_cache is None or _settings_cache[0] != _version:
+        _settings_cache = (_version, _collect_settings())
+    return dict(_settings_cache[1])
+
+
+def _collect_settings() -> dict[str, Setting]:
     out: dict[str, Setting] = {}
     for kind, table in _REGISTRY.items():
         if kind == "transform":  # built by the algorithms that use them (DP), not set one by one
@@ -183,8 +200,15 @@ def flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
+INT_LIMIT = 2**63  # an integer setting must fit a signed 64-bit integer (torch, numpy and the wire hold no more)
+
+
 def check_value(key: str, value: Any, annotation: Any) -> Any:
-    """``value`` if it has the declared type (ints pass as floats; floats must be finite), else ConfigError."""
+    """``value`` if it has the declared type, else ConfigError: the one type rule of every setting.
+
+    Ints pass as floats; floats must be finite (NaN and inf never configure anything); ints must fit 64 bits;
+    strings may not hold NUL (no path or name can). The value is quoted shortened, so a hostile one stays one line.
+    """
     args = typing.get_args(annotation)
     optional = type(None) in args
     base = next((a for a in args if a is not type(None)), annotation) if args else annotation
@@ -196,20 +220,35 @@ def check_value(key: str, value: Any, annotation: Any) -> Any:
         ok = isinstance(value, bool)
         kind = "true or false"
     elif base is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        kind = "an integer"
+        ok = isinstance(value, int) and not isinstance(value, bool) and -INT_LIMIT <= value < INT_LIMIT
+        kind = "an integer" if not isinstance(value, int) or isinstance(value, bool) else "a 64-bit integer"
     elif base is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(value)
         kind = "a finite number"
         value = float(value) if ok else value
     elif base is str:
-        ok = isinstance(value, str)
-        kind = "a string"
+        ok = isinstance(value, str) and "\x00" not in value
+        kind = "a string" if not isinstance(value, str) else "a string without NUL characters"
     else:
         ok, kind = True, str(base)
     if not ok:
-        raise ConfigError(f"{flag(key)} must be {kind}; got {value!r}")
+        raise ConfigError(f"{flag(key)} must be {kind}; got {shown(value)}")
     return value
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to about ``limit`` characters (without building a huge repr first)."""
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = limit
+    short.maxlevel, short.maxlist, short.maxdict, short.maxlong = 2, 4, 4, limit
+    return short.repr(value)
 
 
 def positive(key: str, value: float, *, allow_zero: bool = False) -> None:

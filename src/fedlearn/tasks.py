@@ -62,12 +62,13 @@ def _count(sums: Mapping[str, float], key: str) -> int:
 
 
 def _total(sums: Mapping[str, float], key: str) -> float:
-    """A float sum from a sums dict; ValueError when it is missing or not finite."""
+    """A float sum from a sums dict; ValueError when it is missing or not a number. It may be inf or NaN: a
+    diverged model's loss is (the server validates clients' sums before pooling them)."""
     if key not in sums:
         raise ValueError(f"the sums lack {key!r}")
     value = sums[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"sum {key!r} is {value!r}, not a finite number")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"sum {key!r} is {value!r}, not a number")
     return float(value)
 
 

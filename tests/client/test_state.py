@@ -256,3 +256,97 @@ def test_get_returns_a_new_dict_each_time(tmp_path: Path) -> None:
     store.commit()
     store.get("a").clear()
     assert same(store.get("a"), arrays(0))
+
+
+# -- older checkpoints, rollback, privacy counters, full disk ------------------------------------
+
+
+def test_prune_keeps_the_versions_older_checkpoints_name(tmp_path: Path) -> None:
+    store = ClientStateStore(tmp_path)
+    indexes = []
+    for version in (1, 2, 3, 4):
+        store.put("a", arrays(version), version)
+        if version % 2:
+            store.put("b", arrays(10 + version), version)
+        store.commit()
+        indexes.append(store.index())
+        store.prune(indexes[-3:])  # a server keeping its last three checkpoints
+    assert indexes[-3:] == [{"a": 2, "b": 1}, {"a": 3, "b": 3}, {"a": 4, "b": 3}]
+    on_disk = {(n.split("-")[0], int(n.split("-")[1][:-3])) for n in pt_files(tmp_path)}
+    versions = {}
+    for digest, version in on_disk:
+        versions.setdefault(digest, set()).add(version)
+    assert sorted(versions.values(), key=len) == [{1, 3}, {2, 3, 4}]  # b: 1 and 3; a: 2, 3 and 4 (a's 1 went)
+    store.prune()
+    assert len(pt_files(tmp_path)) == 2  # only the committed versions
+
+
+def test_prune_latest_keeps_a_clients_newest_versions(tmp_path: Path) -> None:
+    store = ClientStateStore(tmp_path)
+    for version in range(1, 7):
+        store.put("a", arrays(version), version)
+        store.commit()
+        store.prune(latest=4)
+    assert [int(n.split("-")[1][:-3]) for n in pt_files(tmp_path)] == [3, 4, 5, 6]
+    with pytest.raises(ValueError, match="latest"):
+        store.prune(latest=0)
+
+
+def test_loading_an_older_checkpoint_rolls_back_but_keeps_privacy_counters(tmp_path: Path) -> None:
+    store = ClientStateStore(tmp_path)
+    store.put("a", {**arrays(1), "dpsgd_steps": torch.tensor(10)}, 1)
+    store.commit()
+    older = reload(store.state_dict())
+    store.put("a", {**arrays(2), "dpsgd_steps": torch.tensor(20)}, 2)
+    store.commit()
+    store.put("a", {**arrays(3), "dpsgd_steps": torch.tensor(30)}, 3)
+    store.commit()
+
+    resumed = ClientStateStore(tmp_path)
+    resumed.load_state_dict(older)  # the server fell back to round 1's checkpoint
+    got = resumed.get("a")
+    assert same({k: v for k, v in got.items() if k != "dpsgd_steps"}, arrays(1))  # training state: round 1's
+    assert int(got["dpsgd_steps"]) == 30  # privacy spent: never rolled back
+    resumed.commit()
+    assert pt_files(tmp_path) == [pt_files(tmp_path)[0]] and pt_files(tmp_path)[0].endswith("-1.pt")
+    assert int(ClientStateStore.open_latest(tmp_path).get("a")["dpsgd_steps"]) == 30
+
+
+def test_get_before_a_round_gives_the_state_that_round_was_trained_from(tmp_path: Path) -> None:
+    """A deployed client whose server went back to an older checkpoint trains the replayed round from the right
+    state, with its privacy counters kept."""
+    store = ClientStateStore(tmp_path)
+    for version in (2, 4, 6):
+        store.put("a", {**arrays(version), "dpsgd_steps": torch.tensor(version * 10)}, version)
+        store.commit()
+        store.prune(latest=4)
+    restarted = ClientStateStore.open_latest(tmp_path)
+    assert same(restarted.get("a", before=7), {**arrays(6), "dpsgd_steps": torch.tensor(60)})
+    replay = restarted.get("a", before=5)  # the server resumed at round 4 and asks for round 5
+    assert same({k: v for k, v in replay.items() if k != "dpsgd_steps"}, arrays(4))
+    assert int(replay["dpsgd_steps"]) == 60
+    assert restarted.get("a", before=2) == {"dpsgd_steps": torch.tensor(60)}  # nothing older: fresh state
+    assert same(ClientStateStore().get("x", before=1), {})
+
+
+def test_a_full_disk_while_committing_is_one_line_and_leaves_no_file(tmp_path: Path, monkeypatch) -> None:
+    import errno
+    import os
+
+    from fedlearn.server import checkpoint
+
+    store = ClientStateStore(tmp_path)
+    store.put("a", arrays(1), 1)
+    store.commit()
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint.os, "fsync", full)
+    store.put("a", arrays(2), 2)
+    with pytest.raises(CheckpointError, match="ENOSPC.*free disk space") as error:
+        store.commit()
+    assert "\n" not in str(error.value)
+    monkeypatch.undo()
+    assert len(pt_files(tmp_path)) == 1 and not list(tmp_path.glob("*.tmp"))
+    assert same(ClientStateStore.open_latest(tmp_path).get("a"), arrays(1))

@@ -206,22 +206,28 @@ def test_default_data_dir_is_data_slash_name(tmp_path: Path, monkeypatch) -> Non
 
 # --- CIFAR-10 ------------------------------------------------------------------------------------------------
 
+CIFAR_NAMES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+
+
+def _cifar_records(batch: int, per_batch: int) -> bytes:
+    """per_batch records of batch ``batch``: labels (batch + i) % 10, planes R=255, G=51, B=batch."""
+    records = np.zeros((per_batch, 3073), dtype=np.uint8)
+    records[:, 0] = [(batch + i) % 10 for i in range(per_batch)]
+    records[:, 1:1025], records[:, 1025:2049], records[:, 2049:] = 255, 51, batch
+    return records.tobytes()
+
+
 def _write_cifar(folder: Path, per_batch: int = 4) -> None:
+    """The binary version's six files, as in cifar-10-batches-bin/."""
     folder.mkdir(parents=True, exist_ok=True)
-    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    for b, name in enumerate(names):
-        data = np.zeros((per_batch, 3072), dtype=np.uint8)
-        data[:, :1024], data[:, 1024:2048], data[:, 2048:] = 255, 51, b  # R, G, B planes
-        labels = [(b + i) % 10 for i in range(per_batch)]
-        with open(folder / name, "wb") as handle:
-            pickle.dump({b"data": data, b"labels": labels, b"batch_label": name.encode()}, handle)
+    for b, name in enumerate(CIFAR_NAMES):
+        (folder / f"{name}.bin").write_bytes(_cifar_records(b, per_batch))
 
 
-def test_cifar10_synthetic_batches(tmp_path: Path) -> None:
-    _write_cifar(tmp_path / "cifar-10-batches-py")
-    bundle = load_dataset("cifar10", tmp_path, download=False)
+def _check_cifar_bundle(bundle: DatasetBundle) -> None:
     assert bundle.train.x.shape == (20, 3, 32, 32) and bundle.test.x.shape == (4, 3, 32, 32)
     assert bundle.input_shape == (3, 32, 32) and bundle.num_classes == 10
+    assert bundle.train.y.tolist()[:8] == [0, 1, 2, 3, 1, 2, 3, 4]
     assert bundle.test.y.tolist() == [5, 6, 7, 8]
     pixels = _pixels(bundle, "test")
     assert pixels[:, 0].allclose(torch.tensor(1.0), atol=1e-5)
@@ -230,17 +236,114 @@ def test_cifar10_synthetic_batches(tmp_path: Path) -> None:
     assert bundle.mean == (0.4914, 0.4822, 0.4465) and bundle.std == (0.2470, 0.2435, 0.2616)
 
 
-def test_cifar10_corrupt_batch(tmp_path: Path) -> None:
+@pytest.mark.parametrize("subdir", ["cifar-10-batches-bin", ""])
+def test_cifar10_binary_batches(tmp_path: Path, subdir: str) -> None:
+    _write_cifar(tmp_path / subdir)
+    _check_cifar_bundle(load_dataset("cifar10", tmp_path, download=False))
+
+
+@pytest.mark.parametrize(("data", "match"), [
+    (b"garbage", "7 bytes, not a whole number of 3073-byte"),
+    (b"", "0 bytes"),
+    (bytes([10]) + bytes(3072), "record 0 has label 10"),
+])
+def test_cifar10_damaged_batch(tmp_path: Path, data: bytes, match: str) -> None:
     _write_cifar(tmp_path)
-    (tmp_path / "data_batch_3").write_bytes(b"garbage")
-    with pytest.raises(DataError, match="data_batch_3 is not a CIFAR-10 python batch"):
+    (tmp_path / "data_batch_3.bin").write_bytes(data)
+    with pytest.raises(DataError, match=match) as error:
         load_dataset("cifar10", tmp_path, download=False)
+    assert "data_batch_3.bin" in str(error.value) and "\n" not in str(error.value)
+
+
+class _RunsCode:
+    """A pickle payload that would run a shell command when unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("subdir", ["cifar-10-batches-py", ""])
+def test_cifar10_python_version_is_never_unpickled(tmp_path: Path, subdir: str, monkeypatch) -> None:
+    """A tampered data_batch_1 in --data-dir used to run code, on the server too."""
+    folder = tmp_path / subdir
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = tmp_path / "code-ran"
+    for name in CIFAR_NAMES:
+        (folder / name).write_bytes(pickle.dumps({b"data": _RunsCode(marker), b"labels": [0]}))
+    with pytest.raises(DataError, match="python .pickle. version of CIFAR-10.*binary version") as error:
+        load_dataset("cifar10", tmp_path, download=False)
+    assert "\n" not in str(error.value) and str(folder) in str(error.value)
+    offline = urllib.error.URLError("no network")
+
+    def refuse(*args, **kwargs):
+        raise offline
+
+    monkeypatch.setattr("urllib.request.urlopen", refuse)
+    with pytest.raises(DataError, match="python .pickle. version.*downloading it failed: .*no network"):
+        load_dataset("cifar10", tmp_path, download=True)
+    assert not marker.exists()
+
+
+def _cifar_archive(path: Path, extra: dict[str, bytes] | None = None) -> None:
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as tar:
+        for b, name in enumerate(CIFAR_NAMES):
+            data = _cifar_records(b, 4)
+            info = tarfile.TarInfo(f"cifar-10-batches-bin/{name}.bin")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for name, data in (extra or {}).items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("cifar-10-batches-bin/batches.meta.txt")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+
+
+def test_cifar10_download_checks_the_archive_and_extracts_only_the_data_files(tmp_path: Path, monkeypatch) -> None:
+    import hashlib
+
+    from fedlearn.data import cifar
+
+    served = tmp_path / "served.tar.gz"
+    _cifar_archive(served, extra={"../outside.bin": b"x", "cifar-10-batches-bin/readme.html": b"<html>"})
+    data = served.read_bytes()
+    requested = []
+
+    def urlopen(url: str, timeout: float):
+        requested.append(url)
+        import io
+
+        return io.BytesIO(data)
+
+    monkeypatch.setattr("urllib.request.urlopen", urlopen)
+    with pytest.raises(DataError, match="downloading them failed .*not the official CIFAR-10 binary archive"):
+        load_dataset("cifar10", tmp_path / "a", download=True)  # the real checksums: this archive is refused
+    assert requested == ["https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"]
+    assert not (tmp_path / "a" / "cifar-10-batches-bin").exists()
+
+    monkeypatch.setattr(cifar, "ARCHIVE_BYTES", len(data))
+    monkeypatch.setattr(cifar, "ARCHIVE_MD5", hashlib.md5(data).hexdigest())
+    monkeypatch.setattr(cifar, "ARCHIVE_SHA256", hashlib.sha256(data).hexdigest())
+    _check_cifar_bundle(load_dataset("cifar10", tmp_path / "b", download=True))
+    unpacked = sorted(p.name for p in (tmp_path / "b" / "cifar-10-batches-bin").iterdir())
+    assert unpacked == sorted(f"{n}.bin" for n in CIFAR_NAMES)  # no link, no readme, nothing outside
+    assert not (tmp_path / "outside.bin").exists() and not (tmp_path / "b" / "outside.bin").exists()
 
 
 def test_cifar10_missing(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="files not found") as error:
         load_dataset("cifar10", tmp_path, download=False)
-    _assert_one_line_missing(error, tmp_path, ["data_batch_1", "data_batch_5", "test_batch", "cifar-10-batches-py"])
+    _assert_one_line_missing(error, tmp_path, ["data_batch_1.bin", "data_batch_5.bin", "test_batch.bin",
+                                               "cifar-10-batches-bin", "binary version"])
 
 
 # --- MedMNIST ------------------------------------------------------------------------------------------------

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 
 from fedlearn.data import PARTITIONS, label_counts, partition_indices, split_train_test
-from fedlearn.data.partition import DIRICHLET_TRIES
+from fedlearn.data.partition import DIRICHLET_TRIES, natural_group_count
 from fedlearn.errors import ConfigError, DataError
 
 
@@ -131,11 +133,42 @@ def test_natural_maps_each_client_to_one_group_in_id_order() -> None:
         np.testing.assert_array_equal(p, np.flatnonzero(groups == o[0]))
 
 
-def test_natural_with_fewer_clients_takes_first_groups() -> None:
+def test_natural_with_fewer_clients_takes_first_groups_and_says_so(caplog) -> None:
     groups = _groups()
-    parts = partition_indices(_labels(), 5, "natural", seed=0, groups=groups)
+    with caplog.at_level(logging.WARNING, logger="fedlearn.data.partition"):
+        parts = partition_indices(_labels(), 5, "natural", seed=0, groups=groups)
     assert [int(groups[p[0]]) for p in parts] == sorted(np.unique(groups).tolist())[:5]
-    assert sum(p.size for p in parts) < groups.size
+    left = groups.size - sum(p.size for p in parts)
+    assert left > 0
+    assert f"only the first 5 of the dataset's 25 groups (writers) take part, because --clients is 5; {left} of " \
+           f"{groups.size} training samples are left out. Give --clients 25" in caplog.text
+
+
+def test_natural_without_a_client_count_uses_every_group(caplog) -> None:
+    groups = _groups()
+    with caplog.at_level(logging.INFO, logger="fedlearn.data.partition"):
+        parts = partition_indices(_labels(), None, "natural", seed=0, groups=groups)
+    assert len(parts) == natural_group_count(groups) == 25
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(groups.size))
+    assert "25 clients, one per group" in caplog.text and "WARNING" not in caplog.text
+    assert natural_group_count(None) is None
+    with pytest.raises(ConfigError, match="needs a number of clients"):
+        partition_indices(_labels(), None, "iid", seed=0)
+
+
+def test_natural_on_the_real_femnist_uses_all_105_writers(shared_dataset, caplog) -> None:
+    from fedlearn.data import load_dataset
+
+    bundle = load_dataset("femnist", shared_dataset("femnist_leaf"), download=False)
+    labels = bundle.train.y.numpy()
+    assert natural_group_count(bundle.train_groups) == 105
+    parts = partition_indices(labels, None, "natural", seed=0, groups=bundle.train_groups)
+    assert len(parts) == 105 and sum(p.size for p in parts) == 14708
+    assert all(np.unique(bundle.train_groups[p]).size == 1 for p in parts)
+    with caplog.at_level(logging.WARNING, logger="fedlearn.data.partition"):
+        ten = partition_indices(labels, 10, "natural", seed=0, groups=bundle.train_groups)
+    assert len(ten) == 10
+    assert "only the first 10 of the dataset's 105 groups" in caplog.text and "--clients 105" in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -36,12 +36,14 @@ def test_default_run_reaches_090(default_run: Path) -> None:
 
 def test_run_directory_contents(default_run: Path) -> None:
     config = yaml.safe_load((default_run / "config.yaml").read_text())
-    assert config == RunConfig(output=str(default_run)).to_dict()  # fully resolved, every key
+    # fully resolved, every key: centralized evaluation records the client test share it used, none
+    assert config == RunConfig(output=str(default_run), client_test_fraction=0.0).to_dict()
 
     partition = json.loads((default_run / "partition.json").read_text())
     assert len(partition) == 10
     assert {"client_id", "num_train", "num_test", "label_counts"} <= set(partition[0])
     assert sum(p["num_train"] + p["num_test"] for p in partition) == 1437  # digits' training split
+    assert all(p["num_test"] == 0 for p in partition)  # nobody evaluates on clients: they train on all of it
     assert all(sum(p["label_counts"]) == p["num_train"] for p in partition)
 
     rows = [json.loads(line) for line in (default_run / "metrics.jsonl").read_text().splitlines()]
@@ -188,3 +190,69 @@ def test_negative_server_lr_exits_2_with_one_line_before_writing_anything(algori
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--server-lr" in err, err
     assert not out.exists()  # refused while validating, before the run directory is made
+
+
+def _help_entries(command: str, capsys) -> dict[str, str]:
+    """Each flag of `fedlearn COMMAND --help` and its help text, unwrapped."""
+    import re
+
+    with pytest.raises(SystemExit) as exited:
+        main([command, "--help"])
+    assert exited.value.code == 0
+    text = capsys.readouterr().out.split("\noptions:\n", 1)[1]
+    entries: dict[str, str] = {}
+    for block in re.split(r"\n(?=  -)", "\n" + text):
+        block = " ".join(block.split())
+        if block.startswith("-"):
+            flag = block.split()[0].rstrip(",")
+            entries[flag if flag != "-h" else "--help"] = block
+    return entries
+
+
+@pytest.mark.parametrize("command", ["run", "server", "client"])
+def test_help_shows_a_default_for_every_flag(command: str, capsys) -> None:
+    entries = _help_entries(command, capsys)
+    assert len(entries) > 40  # the config flags, the registry's component flags and the command's own
+    missing = [flag for flag, text in entries.items()
+               if flag != "--help" and "default" not in text and "(required)" not in text]
+    assert not missing, missing
+    assert "(default 0.9)" in entries["--server-beta1"]  # shared by several optimizers, with one default
+    assert "(default off)" in entries["--no-download"]
+    if command == "run":
+        assert "(default 0.2 with --evaluation federated or both; 0 with centralized" in entries[
+            "--client-test-fraction"]
+
+
+@pytest.mark.parametrize("command", ["run", "server", "client"])
+def test_an_unknown_flag_is_the_subcommands_usage_and_one_error_line(command: str, capsys) -> None:
+    extra = ["--server", "127.0.0.1:1"] if command == "client" else []
+    assert main([command, *extra, "--learning-rate", "0.1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"usage: fedlearn {command} [options] (fedlearn {command} --help lists them)",
+                   "fedlearn: error: unrecognized arguments: --learning-rate 0.1"]
+
+
+def test_a_bad_type_is_one_usage_line_and_one_error_line(capsys) -> None:
+    assert main(["run", "--lr", "abc"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "usage: fedlearn run [options] (fedlearn run --help lists them)",
+        "fedlearn: error: argument --lr: invalid float value: 'abc'"]
+    assert main(["certs", "renew"]) == 2  # a short usage stays whole, on one line
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[0].startswith("usage: fedlearn certs [-h]") and "invalid choice: 'renew'" in err[1]
+
+
+def test_dry_run_prints_the_resolved_config_and_makes_nothing(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(["run", "--dry-run", "--rounds", "3", "--evaluation", "both", "--output", str(out)]) == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert (config["rounds"], config["client_test_fraction"], config["output"]) == (3, 0.2, str(out))
+    assert not out.exists()
+
+
+def test_an_error_message_carrying_a_line_break_is_still_one_line(tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "two\nlines"
+    folder.write_text("a file")
+    assert main(["run", "--quiet", "--output", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "two\\nlines is a file" in err

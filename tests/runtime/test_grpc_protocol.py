@@ -646,14 +646,16 @@ def test_token_identifies_the_client_and_it_may_not_join_as_another(token_server
     assert served.runtime.client_ids() == ["site-a"]
     error = refusal(site_a.join, "site-b")
     assert_refused(error, grpc.StatusCode.PERMISSION_DENIED, "site-b")
-    # the claimed-id header counts for nothing once tokens are required
+    # a claimed id that is not the token's owner is refused, not silently replaced by the owner
     spoofer = served.peer("site-b", _bearer(tokens["site-a"], claimed="site-b"))
-    spoofer.join("")
+    assert_refused(refusal(spoofer.join, ""), grpc.StatusCode.PERMISSION_DENIED, "'site-b'", "'site-a'")
     assert served.runtime.client_ids() == ["site-a"]
 
     rnd = served.round([task_for("site-a")])
     info = site_a.task()
-    assert not served.peer("site-b", _bearer(tokens["site-b"])).poll(wait=0).has_task
+    # site-b has a valid token but never joined: it is told to join first, and is given nothing
+    error = refusal(served.peer("site-b", _bearer(tokens["site-b"])).poll, wait=0)
+    assert_refused(error, grpc.StatusCode.FAILED_PRECONDITION, "Join first")
     error = refusal(served.peer("site-b", _bearer(tokens["site-b"])).download, info.task_id)
     assert_refused(error, grpc.StatusCode.PERMISSION_DENIED)
     assert decode(site_a.download(info.task_id)).client_id == "site-a"

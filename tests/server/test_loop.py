@@ -10,6 +10,7 @@ from torch import nn
 
 from fedlearn.client.app import ClientApp
 from fedlearn.client.data import ClientData
+from fedlearn.client.state import ClientStateStore
 from fedlearn.client.trainer import LocalTrainer, evaluate_model
 from fedlearn.data.arrays import ArrayDataset
 from fedlearn.errors import CheckpointError, InvalidUpdateError
@@ -19,8 +20,9 @@ from fedlearn.protocol.messages import Message, TrainResult, TrainTask
 from fedlearn.protocol.params import ModelVector
 from fedlearn.runtime.base import ClientFailure
 from fedlearn.runtime.inprocess import InProcessRuntime
-from fedlearn.server.checkpoint import load_checkpoint
+from fedlearn.server.checkpoint import checkpoint_files, load_checkpoint
 from fedlearn.server.evaluation import CentralEvaluator
+from fedlearn.server.ledger import LEDGER, PrivacyLedger
 from fedlearn.server.loop import RoundLoop
 from fedlearn.strategies import FedAvg, FedProx, FedSGD, Scaffold
 from fedlearn.strategies.base import Sampler, Strategy
@@ -64,6 +66,7 @@ def build(
     drop: Sequence[str] = (),
     fraction: float = 1.0,
     min_clients: int = 1,
+    state: ClientStateStore | None = None,
     **loop_kwargs,
 ) -> RoundLoop:
     """A loop over in-process clients; ``fraction`` and ``min_clients`` go to the strategy's sampler (and
@@ -74,7 +77,7 @@ def build(
     data = clients(names, nan)
     for name in drop:
         data.pop(name)
-    app = ClientApp(trainer, data)
+    app = ClientApp(trainer, data, state=state)
     runtime = InProcessRuntime(app)
     if wrap is not None:
         runtime = wrap(runtime)
@@ -245,7 +248,7 @@ def test_resume_equals_a_straight_run(tmp_path, make_strategy) -> None:
     first.run(1)
     first.strategy.set_local(lr=0.03)
     first.run(2)
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("ckpt")] == ["ckpt.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ckpt")) == ["ckpt.1.pt", "ckpt.pt"]
     saved = load_checkpoint(path)
     assert saved["round"] == 2 and torch.equal(saved["weights"], first.weights)
     del first
@@ -260,6 +263,57 @@ def test_resume_equals_a_straight_run(tmp_path, make_strategy) -> None:
     assert torch.equal(second.weights, straight.weights)
     assert rows(history) == rows(straight.history)
     assert load_checkpoint(path)["round"] == 4
+
+
+def test_a_damaged_newest_checkpoint_falls_back_and_rolls_client_state_back(tmp_path) -> None:
+    """SCAFFOLD's controls live in per-round client-state files: falling back to round 2 must use round 2's."""
+    kwargs = {"seed": 9, "fraction": 0.5, "min_clients": 2, "federated_eval": True}
+    straight = build(strategy=Scaffold(local=LOCAL), **kwargs)
+    straight.run(5)
+
+    path, folder = tmp_path / "checkpoint.pt", tmp_path / "client_state"
+    first = build(strategy=Scaffold(local=LOCAL), checkpoint_path=path, state=ClientStateStore(folder), **kwargs)
+    first.run(3)
+    assert [load_checkpoint(p)["round"] for p in checkpoint_files(path)] == [3, 2, 1]
+    versions = {int(p.stem.split("-")[1]) for p in folder.glob("*.pt")}
+    assert versions >= {1, 2, 3}  # the files the older checkpoints name are kept
+    del first
+    path.write_bytes(path.read_bytes()[:200])  # the newest checkpoint is cut short
+
+    second = build(strategy=Scaffold(local=LOCAL), checkpoint_path=path, state=ClientStateStore(folder),
+                   **{**kwargs, "seed": 1})
+    second.resume(path)
+    assert second.round == 2 and second.seed == 9
+    assert max(int(p.stem.split("-")[1]) for p in folder.glob("*.pt")) <= 2  # round 3's state is not used
+    history = second.run(5)
+    assert torch.equal(second.weights, straight.weights)
+    assert rows(history) == rows(straight.history)
+    assert [load_checkpoint(p)["round"] for p in checkpoint_files(path)] == [5, 4, 3]
+
+
+def test_falling_back_never_rolls_the_privacy_accountant_back(tmp_path) -> None:
+    from fedlearn.privacy.accountant import PrivacyAccountant
+    from fedlearn.strategies.dp import CentralDP
+
+    def dp() -> CentralDP:
+        return CentralDP(FedAvg(local=LOCAL), clip_norm=1.0, noise_multiplier=1.0, delta=1e-5, noise_seed=0)
+
+    path = tmp_path / "checkpoint.pt"
+    first = build(strategy=dp(), checkpoint_path=path, seed=3)
+    first.run(3)
+    ledger = PrivacyLedger(tmp_path / LEDGER)
+    assert ledger.latest()["round"] == 3 and ledger.latest()["accountant"]["steps"] == 3
+    path.write_bytes(b"")  # the newest checkpoint is lost
+
+    second = build(strategy=dp(), checkpoint_path=path, seed=3)
+    second.resume(path)
+    assert second.round == 2
+    assert second.strategy.accountant.steps == 3  # round 3 was spent, though the run goes back to round 2
+    history = second.run(4)
+    reference = PrivacyAccountant(noise_multiplier=1.0, sampling_rate=second.strategy.sampler.rate, delta=1e-5)
+    assert second.strategy.accountant.steps == 5
+    assert history[-1]["epsilon"] == pytest.approx(reference.epsilon_after(5), rel=1e-12)
+    assert history[-1]["epsilon"] > first.history[-1]["epsilon"]
 
 
 def test_checkpoint_from_a_different_architecture_is_refused(tmp_path) -> None:

@@ -75,7 +75,7 @@ def test_resume_equals_a_straight_run_with_client_controls_restored(tmp_path):
     straight = run(RunConfig(**base, output=str(tmp_path / "straight")))
     run(RunConfig(**{**base, "rounds": 2}, output=str(tmp_path / "resumed")))
     controls = list((tmp_path / "resumed" / "client_state").glob("*.pt"))
-    assert len(controls) == 4  # one control per client, written with the round-2 checkpoint
+    assert len(controls) == 8  # one control per client for each kept checkpoint (rounds 1 and 2)
     resumed = run(resume=tmp_path / "resumed", rounds=4)
     assert resumed["final_accuracy"] == straight["final_accuracy"]
     rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]

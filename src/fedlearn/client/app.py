@@ -22,7 +22,7 @@ import torch
 from fedlearn.client.data import ClientData
 from fedlearn.client.hooks import TrainHook, build_hooks
 from fedlearn.client.secure import SecureClients
-from fedlearn.client.state import ClientStateStore
+from fedlearn.client.state import VERSIONS_KEPT, ClientStateStore
 from fedlearn.client.trainer import LocalTrainer
 from fedlearn.errors import FedLearnError, InvalidUpdateError
 from fedlearn.protocol.messages import EvalResult, EvalTask, Message, SecureTask, TrainResult, TrainTask
@@ -128,7 +128,7 @@ class ClientApp:
     def train(self, task: TrainTask) -> TrainResult:
         """Prepare, train, finish: the result that leaves the client."""
         data, hooks, transforms = self.prepare(task)
-        before = self.state.get(task.client_id)
+        before = self.state.get(task.client_id, before=task.round)  # older if the server went back a checkpoint
         outcome = self.trainer.fit(task, data, hooks, before)
         arrays, metrics = outcome.arrays, outcome.metrics
         ctx = TransformContext(task.client_id, task.round,
@@ -143,7 +143,7 @@ class ClientApp:
             self.state.put(task.client_id, {**before, **outcome.state}, task.round)
             if self.commit_state:
                 self.state.commit()
-                self.state.prune()  # only the latest is ever read back: one file per round would fill the disk
+                self.state.prune(latest=VERSIONS_KEPT)  # enough for a server that falls back to an older checkpoint
         return result
 
     def _rounding(self, task: TrainTask) -> np.random.Generator:
@@ -152,5 +152,6 @@ class ClientApp:
 
     def evaluate(self, task: EvalTask) -> EvalResult:
         """The task's weights scored on the client's test data; a client without any answers with 0 examples."""
-        n, metrics = self.trainer.evaluate(task, self._data(task.client_id), self.state.get(task.client_id))
+        state = self.state.get(task.client_id, before=task.round + 1)
+        n, metrics = self.trainer.evaluate(task, self._data(task.client_id), state)
         return EvalResult(task.round, task.client_id, n, metrics)

@@ -6,28 +6,40 @@ every committed entry is its own atomically written file ``<sha256(client id)[:3
 ``max_cached`` entries stays in RAM, so 10,000 clients with model-sized state do not need 10,000 copies in memory; the
 server checkpoint then stores only the small index ``{client_id: version}``. Loading a checkpoint's index deletes files
 written by rounds after it (a round that crashed before its checkpoint), so a resumed run sees exactly the client state
-of the checkpointed round and is bit-for-bit equal to a straight run. A deployed client reopens its own folder after a
-restart with :meth:`ClientStateStore.open_latest`.
+of the checkpointed round and is bit-for-bit equal to a straight run. A server keeps its last few checkpoints, so
+``prune`` keeps every version one of them names (``keep``), and a resume that falls back to an older checkpoint rolls
+the client state back with it. A deployed client reopens its own folder after a restart with
+:meth:`ClientStateStore.open_latest`, keeps its last few versions, and trains a round from the newest state older than
+that round (``get(..., before=round)``), so a server that went back to an older checkpoint gets matching state.
+
+Privacy is never rolled back: entries named in ``PRIVACY_COUNTERS`` (DP-SGD's step count, from which a client's own
+accountant reports its epsilon) keep the highest value any newer, dropped version held.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import logging
 import os
 import re
-import tempfile
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fedlearn.errors import CheckpointError, InvalidUpdateError
+from fedlearn.server.checkpoint import KEEP, fsync_dir, write_fsynced
 
 Arrays = dict[str, torch.Tensor]
+log = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
+PRIVACY_COUNTERS = frozenset({"dpsgd_steps"})  # counts of privacy spent: a rollback keeps their highest value
+VERSIONS_KEPT = KEEP + 1  # a deployed client's versions: the server's kept checkpoints plus the round in flight
 _FILE_RE = re.compile(r"^([0-9a-f]{32})-(0|[1-9][0-9]*)\.pt$")
 _TMP_RE = re.compile(r"^[0-9a-f]{32}-[0-9]+\.pt\..*\.tmp$")
 
@@ -77,14 +89,29 @@ def _prepare(arrays: Any, client_id: str) -> Arrays:
     return out
 
 
-def _fsync_dir(directory: Path) -> None:
-    if os.name == "nt":  # directories cannot be opened for fsync there; NTFS renames are journaled
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _write_error(path: Path, exc: OSError) -> CheckpointError:
+    """One line for a failed client-state write (a full disk, a read-only folder): what to free, then restart."""
+    code = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+    fix = {errno.ENOSPC: "free disk space", errno.EDQUOT: "free disk space", errno.EROFS: "use a writable folder",
+           errno.EACCES: "make the folder writable", errno.EPERM: "make the folder writable"}.get(exc.errno or 0,
+                                                                                               "fix the folder")
+    return CheckpointError(f"could not write client state {path} ({code}: {exc.strerror or exc}); {fix}, then start "
+                           "again (a server continues with --resume RUN_DIR; its completed rounds are kept)")
+
+
+def _counters(arrays: Arrays) -> Arrays:
+    """The privacy counters among ``arrays``."""
+    return {k: v for k, v in arrays.items() if k in PRIVACY_COUNTERS}
+
+
+def _raise_counters(arrays: Arrays, newer: list[Arrays]) -> Arrays:
+    """``arrays`` with each privacy counter raised to the highest value in ``newer`` (dropped later versions)."""
+    out = dict(arrays)
+    for entry in newer:
+        for name, value in _counters(entry).items():
+            if name not in out or bool((value > out[name]).all()):
+                out[name] = value.clone()
+    return out
 
 
 def _read_file(path: Path, client_id: str | None, version: int | None, *, mmap: bool = False) -> dict[str, Any]:
@@ -148,9 +175,21 @@ class ClientStateStore:
 
     # -- reading -----------------------------------------------------------------------------------
 
-    def get(self, client_id: str) -> Arrays:
-        """The client's latest state (``{}`` if it has none). The tensors are shared: do not modify them in place."""
+    def get(self, client_id: str, *, before: int | None = None) -> Arrays:
+        """The client's latest state (``{}`` if it has none). The tensors are shared: do not modify them in place.
+
+        With ``before`` (the round about to be trained): the newest state older than that round. It differs from the
+        latest only when the server went back to an older checkpoint and runs rounds again; the privacy counters
+        then keep the latest's values. Without a directory only the latest exists, and it is returned.
+        """
         client_id = _check_client_id(client_id)
+        with self._lock:
+            version = self._versions.get(client_id)
+            if before is not None and version is not None and version >= before and self.directory is not None:
+                return self._rolled_back(client_id, before)
+            return self._latest(client_id)
+
+    def _latest(self, client_id: str) -> Arrays:
         with self._lock:
             if self.directory is None:
                 return dict(self._memory.get(client_id, {}))
@@ -168,6 +207,23 @@ class ClientStateStore:
                 self._cache[client_id] = arrays
                 self._evict()
             return dict(arrays)
+
+    def _rolled_back(self, client_id: str, before: int) -> Arrays:
+        """The newest entry on disk older than ``before``, its privacy counters raised to the newer ones'."""
+        assert self.directory is not None
+        digest = _digest(client_id)
+        versions = sorted(v for d, v, _ in self._state_files() if d == digest)
+        older = [v for v in versions if v < before]
+        newer = [_read_file(self.directory / _file_name(client_id, v), client_id, v, mmap=True)["arrays"]
+                 for v in versions if v >= before]
+        if client_id in self._dirty:
+            newer.append(self._dirty[client_id])
+        if not older:
+            log.warning("client %r has no state older than round %d (the server went back further than this "
+                        "client keeps); it trains that round from fresh state", client_id, before)
+            return _raise_counters({}, newer)
+        arrays = _read_file(self.directory / _file_name(client_id, older[-1]), client_id, older[-1])["arrays"]
+        return _raise_counters(arrays, newer)
 
     def version(self, client_id: str) -> int | None:
         """The version (round) of the client's latest state, or None if it has none."""
@@ -227,28 +283,46 @@ class ClientStateStore:
             finally:
                 self._evict()
                 if written:
-                    _fsync_dir(self.directory)
+                    fsync_dir(self.directory)
 
-    def prune(self) -> None:
-        """Once the caller's checkpoint is durable: delete every file of a client other than its committed version.
+    def index(self) -> dict[str, int]:
+        """``{client_id: version}`` of the committed entries (what a directory checkpoint stores)."""
+        with self._lock:
+            return dict(self._committed)
 
-        Those are its older versions (and newer ones only if a caller went back to a lower version). Files of
-        clients this store does not know are left alone.
+    def prune(self, keep: Iterable[Mapping[str, int]] = (), *, latest: int = 1) -> None:
+        """Once the caller's checkpoint is durable: delete the files no longer needed.
+
+        A client keeps its ``latest`` newest versions up to its committed one, and every version an index in
+        ``keep`` names (the older checkpoints a server still holds). Versions newer than the committed one (a
+        caller went back to a lower version) are deleted. Files of clients this store does not know are left alone.
         """
+        if isinstance(latest, bool) or not isinstance(latest, int) or latest < 1:
+            raise ValueError(f"latest must be a positive int, not {latest!r}")
         with self._lock:
             if self.directory is None:
                 return
-            by_digest = {_digest(cid): v for cid, v in self._committed.items()}
-            removed = False
+            committed = {_digest(cid): v for cid, v in self._committed.items()}
+            named: dict[str, set[int]] = {}
+            for index in keep:
+                for cid, version in index.items():
+                    named.setdefault(_digest(cid), set()).add(version)
+            found: dict[str, list[tuple[int, Path]]] = {}
             for path in self.directory.iterdir():
                 match = _FILE_RE.match(path.name)
-                if match is None or match.group(1) not in by_digest:
-                    continue
-                if int(match.group(2)) != by_digest[match.group(1)]:
-                    path.unlink(missing_ok=True)
-                    removed = True
+                if match is not None and match.group(1) in committed:
+                    found.setdefault(match.group(1), []).append((int(match.group(2)), path))
+            removed = False
+            for digest, files in found.items():
+                current = committed[digest]
+                recent = sorted((v for v, _ in files if v <= current), reverse=True)[:latest]
+                wanted = {*recent, *named.get(digest, ())}
+                for version, path in files:
+                    if version > current or version not in wanted:
+                        path.unlink(missing_ok=True)
+                        removed = True
             if removed:
-                _fsync_dir(self.directory)
+                fsync_dir(self.directory)
 
     # -- checkpoints -------------------------------------------------------------------------------
 
@@ -274,8 +348,10 @@ class ClientStateStore:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore exactly the checkpointed index, discarding every uncommitted and cached entry.
 
-        With a directory, files of versions newer than the index (a round that crashed before its checkpoint) and
-        files of clients not in the index are deleted, after checking that every indexed file is present. An
+        With a directory, files of versions newer than the index (rounds after the checkpoint: a crash before the
+        next checkpoint, or a fall back to an older one) and files of clients not in the index are deleted, after
+        checking that every indexed file is present; older versions stay (older checkpoints name them). The privacy
+        counters of a dropped newer version are carried into the restored entry (as an uncommitted change). An
         in-memory checkpoint loaded into a store with a directory becomes uncommitted entries (call ``commit``);
         a directory checkpoint loaded into an in-memory store is read from that checkpoint's directory.
         """
@@ -306,6 +382,7 @@ class ClientStateStore:
             self._versions = dict(index)
             self._committed = {} if self.directory is None or entries is not None else dict(index)
             if self.directory is not None:
+                self._keep_privacy_counters(index)
                 self._remove_files(index)
 
     @classmethod
@@ -330,16 +407,16 @@ class ClientStateStore:
     def _write(self, client_id: str, version: int, arrays: Arrays) -> None:
         assert self.directory is not None
         name = _file_name(client_id, version)
-        fd, tmp = tempfile.mkstemp(prefix=name + ".", suffix=".tmp", dir=self.directory)
+        tmp: Path | None = None
         try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save({"client_id": client_id, "version": version, "arrays": arrays}, f)
-                f.flush()
-                os.fsync(f.fileno())
+            tmp = write_fsynced({"client_id": client_id, "version": version, "arrays": arrays}, self.directory, name)
             os.replace(tmp, self.directory / name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            tmp = None
+        except OSError as exc:
+            raise _write_error(self.directory / name, exc) from None
+        finally:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
 
     def _evict(self) -> None:
         while len(self._cache) > self.max_cached:
@@ -358,8 +435,27 @@ class ClientStateStore:
             if match is not None:
                 found.append((match.group(1), int(match.group(2)), path))
         if removed:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         return found
+
+    def _keep_privacy_counters(self, index: dict[str, int]) -> None:
+        """Before newer files go: an indexed entry whose newer versions counted more privacy takes their counts."""
+        assert self.directory is not None
+        by_digest = {_digest(cid): (cid, v) for cid, v in index.items()}
+        newer: dict[str, list[Arrays]] = {}
+        for digest, version, path in self._state_files():
+            if digest in by_digest and version > by_digest[digest][1]:
+                cid = by_digest[digest][0]
+                arrays = _read_file(path, cid, version, mmap=True)["arrays"]
+                if _counters(arrays):
+                    newer.setdefault(cid, []).append(_counters(arrays))
+        for cid, entries in newer.items():
+            base = self._dirty.get(cid)
+            if base is None:
+                base = _read_file(self.directory / _file_name(cid, index[cid]), cid, index[cid])["arrays"]
+            raised = _raise_counters(base, entries)
+            if any(k not in base or not torch.equal(raised[k], base[k]) for k in _counters(raised)):
+                self._dirty[cid] = _prepare(raised, cid)
 
     def _remove_files(self, index: dict[str, int]) -> None:
         """Delete tmp leftovers, files of clients not in ``index`` and files of versions newer than the index."""
@@ -370,7 +466,7 @@ class ClientStateStore:
                 path.unlink(missing_ok=True)
                 removed = True
         if removed:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
 
     @staticmethod
     def _parse_state(state: Any) -> tuple[dict[str, int], dict[str, tuple[int, Any]] | None]:

@@ -26,8 +26,13 @@ class DownloadUnavailable(Exception):
 
 
 def data_folder(name: str, data_dir: str | os.PathLike | None) -> Path:
-    """The folder to look in: data_dir, or ./data/<name> when it is None (absolute, for clear messages)."""
+    """The folder to look in: data_dir, or ./data/<name> when it is None (absolute, for clear messages).
+
+    A data_dir that is a file is refused here, in one line: every later message would call it a folder.
+    """
     folder = Path(data_dir).expanduser() if data_dir is not None else Path("data") / name
+    if data_dir is not None and folder.is_file():
+        raise DataError(f"--data-dir {folder.absolute()} is a file; pass the folder that holds the {name} files")
     return folder.absolute()
 
 

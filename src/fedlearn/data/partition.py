@@ -5,14 +5,18 @@ Every function is deterministic for a seed (numpy's default_rng) and returns sor
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from fedlearn.errors import ConfigError, DataError
 
+log = logging.getLogger(__name__)
+
 PARTITIONS = ("iid", "dirichlet", "shards", "quantity", "natural")
 DIRICHLET_TRIES = 200  # re-draws before giving up on giving every client min_size samples
 
-__all__ = ["PARTITIONS", "label_counts", "partition_indices", "split_train_test"]
+__all__ = ["PARTITIONS", "label_counts", "natural_group_count", "partition_indices", "split_train_test"]
 
 
 def _finish(parts: list[np.ndarray]) -> list[np.ndarray]:
@@ -89,8 +93,9 @@ def _quantity(n: int, num_clients: int, sigma: float, min_size: int, rng: np.ran
     return np.split(rng.permutation(n), np.cumsum(sizes)[:-1])
 
 
-def _natural(groups: np.ndarray | None, n: int, num_clients: int) -> list[np.ndarray]:
-    """One client per natural group (e.g. writer); with fewer clients, the first groups in id order are used."""
+def _natural(groups: np.ndarray | None, n: int, num_clients: int | None) -> list[np.ndarray]:
+    """One client per natural group (e.g. writer): every group when ``num_clients`` is None, else the first
+    ``num_clients`` groups in id order, with a warning saying how many were left out and how to use them all."""
     if groups is None:
         raise ConfigError("partition 'natural' needs a dataset with natural owners such as femnist; "
                           "choose another partition for this dataset")
@@ -98,17 +103,35 @@ def _natural(groups: np.ndarray | None, n: int, num_clients: int) -> list[np.nda
     if groups.shape[0] != n:
         raise ConfigError(f"groups has {groups.shape[0]} entries but there are {n} labels; pass one group per sample")
     ids = np.unique(groups)
+    if num_clients is None:
+        log.info("partition 'natural': %d clients, one per group (every group of the dataset)", ids.shape[0])
+        num_clients = ids.shape[0]
     if num_clients > ids.shape[0]:
         raise ConfigError(f"partition 'natural' has {ids.shape[0]} groups, so use at most {ids.shape[0]} clients "
                           f"(asked for {num_clients})")
+    if num_clients < ids.shape[0]:
+        left = int(np.isin(groups, ids[num_clients:]).sum())
+        log.warning("partition 'natural': only the first %d of the dataset's %d groups (writers) take part, "
+                    "because --clients is %d; %d of %d training samples are left out. Give --clients %d to use "
+                    "every group", num_clients, ids.shape[0], num_clients, left, n, ids.shape[0])
     return [np.flatnonzero(groups == g) for g in ids[:num_clients]]
 
 
-def _check_args(n: int, num_clients: int, method: str, alpha: float, shards_per_client: int,
+def natural_group_count(groups: np.ndarray | None) -> int | None:
+    """How many natural groups (writers) a dataset has: the client count of ``--partition natural`` with every
+    group; None for a dataset without groups."""
+    return None if groups is None else int(np.unique(np.asarray(groups).reshape(-1)).shape[0])
+
+
+def _check_args(n: int, num_clients: int | None, method: str, alpha: float, shards_per_client: int,
                 quantity_sigma: float, min_size: int) -> None:
     """ConfigError for any argument outside what the method allows."""
     if method not in PARTITIONS:
         raise ConfigError(f"unknown partition {method!r}; choose one of: {', '.join(PARTITIONS)}")
+    if num_clients is None:
+        if method != "natural":
+            raise ConfigError(f"partition {method!r} needs a number of clients; give --clients")
+        return
     if num_clients < 1:
         raise ConfigError(f"--clients must be at least 1 (got {num_clients})")
     if num_clients > n:
@@ -133,7 +156,7 @@ def _check_args(n: int, num_clients: int, method: str, alpha: float, shards_per_
 
 def partition_indices(
     labels: np.ndarray,
-    num_clients: int,
+    num_clients: int | None,
     method: str,
     *,
     seed: int,
@@ -146,7 +169,8 @@ def partition_indices(
     """Split indices 0..len(labels)-1 among ``num_clients`` clients by ``method`` (one of PARTITIONS).
 
     Parts are disjoint, sorted int64 arrays; together they cover every index, except under 'natural'
-    with fewer clients than groups. Every client gets at least ``min_size`` samples or an error is raised.
+    with fewer clients than groups (logged as a warning). ``num_clients`` None (only for 'natural') means one
+    client per group. Every client gets at least ``min_size`` samples or an error is raised.
     """
     labels = np.asarray(labels).reshape(-1)
     n = labels.shape[0]

@@ -73,6 +73,12 @@ def encode(message: Message, shared: dict[tuple, bytes] | None = None) -> bytes:
     carry the same weights tensor, convert it once; use one dict per batch of messages and do not
     modify the tensors while it lives.
     """
+    return b"".join(encode_parts(message, shared))
+
+
+def encode_parts(message: Message, shared: dict[tuple, bytes] | None = None) -> list[bytes]:
+    """``encode``'s output as its pieces, not joined: with ``shared``, messages that carry the same tensor
+    reference one bytes object for it (a round's tasks hold the global weights once, not once per client)."""
     header, tensors = _header(message)
     parts = [_HEADER.pack(_MAGIC, FORMAT_VERSION, len(header)), header]
     for t in tensors:
@@ -83,7 +89,7 @@ def encode(message: Message, shared: dict[tuple, bytes] | None = None) -> bytes:
             if shared is not None:
                 shared[key] = raw
         parts.append(raw)
-    return b"".join(parts)
+    return parts
 
 
 def wire_size(message: Message) -> int:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ import yaml
 
 from fedlearn.errors import ConfigError
 from fedlearn.protocol.local import TrainingKeys
+from fedlearn.server.influence import DEFAULT_FACTOR
 
 EVALUATIONS = ("centralized", "federated", "both")
 DP_MODES = ("none", "central", "local", "dpsgd")
@@ -22,6 +25,83 @@ HE_MODES = ("none", "ckks")
 
 
 LOSSES = {"cross-entropy": "classification", "bce": "multilabel", "mse": "regression"}
+DEFAULT_CLIENT_TEST_FRACTION = 0.2  # with federated evaluation, when --client-test-fraction is not given
+MAX_CLIENTS = 1_000_000  # more than any simulation here holds in memory, or any deployment waits for
+MAX_THREADS = 1024
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few hundred bytes; a bigger one is the wrong file
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The allowed range of a numeric setting: ``low``/``high`` (None: unbounded), each end open or closed."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+    note: str = ""
+
+    def allows(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.open_low else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.open_high else value <= self.high)
+
+    def describe(self, integer: bool) -> str:
+        """The range in words: 'a positive integer', '> 0', 'in (0, 1]', 'an integer from 1 to 8'."""
+        if integer and self.low == 1 and self.high is None:
+            text = "a positive integer"
+        elif self.high is None:
+            text = f"{'>' if self.open_low else '>='} {self.low:g}"
+        elif integer:
+            text = f"an integer from {_number(self.low)} to {_number(self.high)}"
+        else:
+            text = f"in {'(' if self.open_low else '['}{self.low:g}, {self.high:g}{')' if self.open_high else ']'}"
+        return text + (f" ({self.note})" if self.note else "")
+
+    def check(self, name: str, value: float | None, *, integer: bool = False) -> None:
+        """Refuse ``value`` (None passes: optional settings) outside the range, naming its flag."""
+        if value is not None and not self.allows(value):
+            raise ConfigError(f"{_flag(name)} must be {self.describe(integer)}; got {value}")
+
+
+def _number(value: float) -> str:
+    """A bound as people write it: 2**53 and 2**63 - 1 rather than their sixteen digits."""
+    if isinstance(value, int) and value > 10**6:
+        if value & (value - 1) == 0:
+            return f"2**{value.bit_length() - 1}"
+        if value & (value + 1) == 0:
+            return f"2**{value.bit_length()} - 1"
+    return str(value)
+
+
+def max_threads() -> int:
+    """The most torch threads a run may ask for: 4 x this machine's cores, never above 1024 (more only thrash)."""
+    return min(MAX_THREADS, 4 * (os.cpu_count() or 1))
+
+
+def bounds() -> dict[str, Bound]:
+    """Every numeric field's range, in one table (a type's finiteness is ``registry.check_value``'s rule)."""
+    positive, non_negative, above_zero = Bound(1), Bound(0), Bound(0, open_low=True)
+    cores = os.cpu_count() or 1
+    return {
+        "clients": Bound(1, MAX_CLIENTS), "rounds": positive, "local_epochs": positive, "batch_size": positive,
+        "shards_per_client": positive, "min_clients": positive,
+        "threads": Bound(1, max_threads(), note=f"4 x this machine's {cores} cores, at most {MAX_THREADS}"),
+        "min_partition_size": Bound(0, note="0: clients may hold no data and are never sampled"),
+        "seed": Bound(0, 2**63 - 1),
+        "lr": above_zero, "mu": non_negative, "momentum": non_negative, "weight_decay": non_negative,
+        "fraction": Bound(0, 1, open_low=True), "min_fit_fraction": Bound(0, 1),
+        "alpha": Bound(0, open_low=True, note="smaller is more skewed"),
+        "round_timeout": Bound(0, open_low=True, note="seconds"),
+        "update_bound": Bound(0, note="0 turns the bound off"),
+        "max_examples_per_client": Bound(1, 2**53),
+        "client_test_fraction": Bound(0, 1, open_high=True),
+        "noise_multiplier": non_negative, "clip_norm": above_zero, "clip_learning_rate": non_negative,
+        "delta": Bound(0, 1, open_low=True, open_high=True), "target_epsilon": above_zero,
+        "adaptive_clip_quantile": Bound(0, 1, open_low=True, open_high=True),
+        "secagg_bits": Bound(8, 64), "secagg_clip": above_zero, "secagg_neighbours": Bound(2),
+        "secagg_max_weight": positive,
+    }
 
 
 def component_settings() -> dict[str, Any]:
@@ -49,12 +129,14 @@ class RunConfig(TrainingKeys):
     min_clients: int = 1
     min_fit_fraction: float = 0.0
     round_timeout: float = 300.0
+    update_bound: float = DEFAULT_FACTOR  # plain rounds scale each update to <= this x last round's median norm; 0: off
+    max_examples_per_client: int = 10_000_000  # the ceiling on the counts a client declares
     rounds: int = 20
     partition: str = "dirichlet"
     alpha: float = 0.5
     shards_per_client: int = 2
     min_partition_size: int = 1
-    client_test_fraction: float = 0.2
+    client_test_fraction: float | None = None  # None: 0.2 when clients evaluate, 0 under centralized evaluation
     evaluation: str = "centralized"
     dp: str = "none"
     noise_multiplier: float = 1.0
@@ -94,15 +176,20 @@ class RunConfig(TrainingKeys):
         raise AttributeError(f"RunConfig has no setting {name!r}")
 
     def validate(self) -> RunConfig:
-        """Check every field; raise ConfigError naming the first bad one and what is allowed."""
-        for f in fields(self):
-            if f.name != "components":
-                _check_type(f.name, getattr(self, f.name), f.type)
+        """Check every field; raise ConfigError naming the first bad one and what is allowed.
+
+        Two generic rules cover every field before the particular ones: the type rule of
+        ``registry.check_value`` (finite floats, 64-bit ints, ...) and the ranges of ``bounds()``.
+        """
         from fedlearn.data import DATASETS, PARTITIONS
         from fedlearn.models import MODELS
         from fedlearn.registry import check_value, lookup, make_config
         from fedlearn.tasks import TASKS
 
+        for name, annotation in _field_types().items():
+            check_value(name, getattr(self, name), annotation)
+        for name, bound in bounds().items():
+            bound.check(name, getattr(self, name), integer=_field_types()[name] is int)
         _one_of("dataset", self.dataset, DATASETS)
         _one_of("model", self.model, MODELS)
         settings = component_settings()
@@ -126,27 +213,6 @@ class RunConfig(TrainingKeys):
         _one_of("target_mode", self.target_mode, TARGET_MODES)
         self._validate_dp()
         self._validate_secure()
-        for name in ("clients", "rounds", "local_epochs", "batch_size", "shards_per_client", "threads", "min_clients"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{_flag(name)} must be a positive integer; got {getattr(self, name)}")
-        if self.min_partition_size < 0:
-            raise ConfigError(f"--min-partition-size must be >= 0 (0: clients may hold no data and are never "
-                              f"sampled); got {self.min_partition_size}")
-        if not 0 < self.fraction <= 1:
-            raise ConfigError(f"--fraction must be in (0, 1]; got {self.fraction}")
-        if self.alpha <= 0:
-            raise ConfigError(f"--alpha must be > 0 (smaller is more skewed); got {self.alpha}")
-        if self.lr <= 0:
-            raise ConfigError(f"--lr must be > 0; got {self.lr}")
-        for name in ("mu", "momentum", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{_flag(name)} must be >= 0; got {getattr(self, name)}")
-        if not 0 <= self.min_fit_fraction <= 1:
-            raise ConfigError(f"--min-fit-fraction must be in [0, 1]; got {self.min_fit_fraction}")
-        if self.round_timeout <= 0:
-            raise ConfigError(f"--round-timeout must be > 0 seconds; got {self.round_timeout}")
-        if not 0 <= self.client_test_fraction < 1:
-            raise ConfigError(f"--client-test-fraction must be in [0, 1); got {self.client_test_fraction}")
         if self.min_clients > self.clients:
             raise ConfigError(f"--min-clients ({self.min_clients}) cannot exceed --clients ({self.clients})")
         if self.evaluation != "centralized" and self.client_test_fraction == 0:
@@ -165,16 +231,6 @@ class RunConfig(TrainingKeys):
         if self.dp == "dpsgd" and self.target_epsilon is not None:
             raise ConfigError("--dp dpsgd: give --noise-multiplier (calibrating to --target-epsilon needs each "
                               "client's data size, which the server does not know before training)")
-        if self.clip_norm <= 0:
-            raise ConfigError(f"--clip-norm must be > 0 with --dp; got {self.clip_norm}")
-        if self.noise_multiplier < 0:
-            raise ConfigError(f"--noise-multiplier must be >= 0; got {self.noise_multiplier}")
-        if self.delta is not None and not 0 < self.delta < 1:
-            raise ConfigError(f"--delta must be in (0, 1); got {self.delta}")
-        if self.adaptive_clip_quantile is not None and not 0 < self.adaptive_clip_quantile < 1:
-            raise ConfigError(f"--adaptive-clip-quantile must be in (0, 1); got {self.adaptive_clip_quantile}")
-        if self.target_epsilon is not None and self.target_epsilon <= 0:
-            raise ConfigError(f"--target-epsilon must be > 0; got {self.target_epsilon}")
 
     def _validate_secure(self) -> None:
         _one_of("secure_aggregation", self.secure_aggregation, SECURE_MODES)
@@ -189,14 +245,6 @@ class RunConfig(TrainingKeys):
                                                        float(self.secagg_threshold).is_integer())):
                 raise ConfigError("--secagg-threshold must be a fraction in (0, 1) of the sampled clients or a "
                                   f"count >= 2; got {self.secagg_threshold}")
-            if not 8 <= self.secagg_bits <= 64:
-                raise ConfigError(f"--secagg-bits must be between 8 and 64; got {self.secagg_bits}")
-            if self.secagg_clip is not None and self.secagg_clip <= 0:
-                raise ConfigError(f"--secagg-clip must be > 0; got {self.secagg_clip}")
-            if self.secagg_neighbours is not None and self.secagg_neighbours < 2:
-                raise ConfigError(f"--secagg-neighbours must be >= 2; got {self.secagg_neighbours}")
-            if self.secagg_max_weight is not None and self.secagg_max_weight < 1:
-                raise ConfigError(f"--secagg-max-weight must be >= 1; got {self.secagg_max_weight}")
         if self.he != "none" and not self.he_keys:
             raise ConfigError("--he ckks needs --he-keys DIR made by `fedlearn he keygen --dir DIR`")
 
@@ -205,6 +253,17 @@ class RunConfig(TrainingKeys):
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "components"}
         out.update(self.components)
         return out
+
+    @property
+    def effective_client_test_fraction(self) -> float:
+        """The share of each client's data it holds back as a local test set.
+
+        ``--client-test-fraction`` when given; unset, 0.2 when clients evaluate (federated or both) and 0 under
+        centralized evaluation, where no one would use a client's test set and its training would lose it.
+        """
+        if self.client_test_fraction is not None:
+            return self.client_test_fraction
+        return 0.0 if self.evaluation == "centralized" else DEFAULT_CLIENT_TEST_FRACTION
 
     @property
     def task_name(self) -> str | None:
@@ -217,7 +276,9 @@ class RunConfig(TrainingKeys):
         settings = component_settings()
         unknown = sorted(set(changes) - known - set(settings))
         if unknown:
-            raise ConfigError(f"{source}: unknown key {unknown[0]!r}; known keys: "
+            from fedlearn.registry import shown
+
+            raise ConfigError(f"{source}: unknown key {shown(unknown[0])}; known keys: "
                               f"{', '.join(sorted(known | set(settings)))}")
         components = {**self.components, **{k: v for k, v in changes.items() if k in settings and k not in known}}
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if k in known}, components=components)
@@ -226,14 +287,31 @@ class RunConfig(TrainingKeys):
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML mapping of config keys (dashes in keys are accepted and turned into underscores)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--config {path}: no such file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        if not path.is_file():
+            raise ConfigError(f"--config {path}: no such file")
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"--config {path}: {path.stat().st_size} bytes is too big for a config file (at most "
+                              f"{MAX_CONFIG_BYTES}); check the path")
+        raw = path.read_bytes()
+    except (OSError, ValueError) as exc:  # unreadable, or a name no file can have
+        raise ConfigError(f"--config {path}: cannot read it ({getattr(exc, 'strerror', None) or exc}); give a "
+                          "readable YAML file") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--config {path}: not UTF-8 text (byte {exc.start} is {raw[exc.start]:#04x}); give a "
+                          "YAML file of config keys") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"--config {path}: not valid YAML{where}; fix the file") from None
+    except RecursionError:
+        raise ConfigError(f"--config {path}: nested too deeply to be a config; fix the file") from None
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of keys to values, got {type(data).__name__}")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
@@ -245,27 +323,13 @@ def _flag(name: str) -> str:
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ConfigError(f"{_flag(name)} must be one of {', '.join(allowed)}; got {value!r}")
+        from fedlearn.registry import shown
+
+        raise ConfigError(f"{_flag(name)} must be one of {', '.join(allowed)}; got {shown(value)}")
 
 
-def _check_type(name: str, value: Any, annotation: Any) -> None:
-    text = str(annotation)
-    optional = "None" in text
-    if value is None:
-        if not optional:
-            raise ConfigError(f"{_flag(name)} needs a value")
-        return
-    if text.startswith("int"):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        kind = "an integer"
-    elif text.startswith("float"):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        kind = "a number"
-    elif text.startswith("bool"):
-        ok = isinstance(value, bool)
-        kind = "true or false"
-    else:
-        ok = isinstance(value, str)
-        kind = "a string"
-    if not ok:
-        raise ConfigError(f"{_flag(name)} must be {kind}; got {value!r}")
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    """RunConfig's field annotations, resolved (``int``, ``float | None``, ...), without ``components``."""
+    hints = typing.get_type_hints(RunConfig)
+    return {f.name: hints[f.name] for f in fields(RunConfig) if f.name != "components"}

@@ -37,6 +37,15 @@ class TLSFiles:
 class Stopped(Exception):
     """SIGTERM or SIGINT arrived: stop after saving nothing more than the last completed round."""
 
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal's number (130 for SIGINT, 143 for SIGTERM), as a shell reports it."""
+        return 128 + self.signum
+
 
 def upload_bytes_per_value(config: RunConfig) -> float:
     """The largest upload per model value: float32 updates, 8-byte masked sums above 32 bits, CKKS ciphertexts
@@ -57,6 +66,8 @@ def serve(
     *,
     tls: TLSFiles | None = None,
     tokens: str | os.PathLike | None = None,
+    allowed_clients: str | None = None,
+    allow_any_client: bool = False,
     insecure: bool = False,
     resume: str | os.PathLike | None = None,
     rounds: int | None = None,
@@ -66,12 +77,22 @@ def serve(
 
     Waits for ``config.clients`` clients before the first round; later rounds sample whichever
     clients are alive. The state is checkpointed after every round, so ``resume`` continues a
-    server that was killed.
+    server that was killed. Who may be a client: ``fedlearn.security.identity`` (``allowed_clients``
+    is ``a,b,c`` or ``@FILE``; without --client-ca or --tokens a loopback server issues per-run tokens).
     """
     import grpc
 
+    from fedlearn.runtime.grpc.limits import StreamLimits
     from fedlearn.runtime.grpc.server import GrpcRuntime, start_server
-    from fedlearn.security import Authenticator, TokenStore, install_sighup_reload, require_tls, server_credentials
+    from fedlearn.security import (
+        AllowList,
+        TokenStore,
+        install_sighup_reload,
+        require_tls,
+        server_credentials,
+        server_identity,
+        split_host_port,
+    )
 
     tls = tls or TLSFiles()
     if (tls.cert is None) != (tls.key is None):
@@ -83,12 +104,22 @@ def serve(
     if tls.cert:
         credentials = server_credentials(tls.cert, tls.key, client_ca=tls.ca, host=address)
     store = TokenStore(tokens) if tokens else None
+    allowed = AllowList.parse(allowed_clients) if allowed_clients is not None else None
+    identity = server_identity(address, client_ca=tls.ca, tokens=store, allowed=allowed, allow_any=allow_any_client,
+                               tls=credentials is not None)
     start = time.perf_counter()
     holder: dict[str, GrpcRuntime] = {}
 
     def make_runtime(cfg: RunConfig, spec: ParamSpec) -> GrpcRuntime:
+        # Only ids the identity admits hold anything here; without a list of them (a token file or an allow-list)
+        # the first `clients` ids to join are the run's clients.
         holder["runtime"] = GrpcRuntime(spec, round_timeout=cfg.round_timeout, total_rounds=cfg.rounds,
-                                        bytes_per_value=upload_bytes_per_value(cfg))
+                                        bytes_per_value=upload_bytes_per_value(cfg), admit=identity.admits,
+                                        max_clients=None if (tokens or allowed_clients) else cfg.clients,
+                                        max_polls=max(128, 2 * cfg.clients),
+                                        streams=StreamLimits(max_streams=max(64, cfg.clients + 16),
+                                                             max_seconds=cfg.round_timeout + 60.0),
+                                        max_examples_per_client=cfg.max_examples_per_client)
         return holder["runtime"]
 
     def report(row: dict[str, Any]) -> None:
@@ -114,29 +145,54 @@ def serve(
     runtime = holder["runtime"]
     runtime.completed_rounds = experiment.loop.round
     runtime.run_id = run_dir.run_id  # the same id after --resume, so clients find their state again
-    auth = Authenticator(mtls=True, tokens=store) if tls.ca else (Authenticator(tokens=store) if store else None)
-    server, port = start_server(runtime, address, auth=auth, credentials=credentials)
+    run_tokens = identity.run_tokens
+    if run_tokens is not None:  # published before listening: a client that reaches the port finds its token
+        expected = build_clients(config, experiment.bundle)[0]  # the ids `--partition-index i` clients take
+        log.info("client tokens for this run in %s", run_tokens.issue(run_dir.path, expected))
+    listen_port = split_host_port(address)[1]
+    try:
+        if run_tokens is not None and listen_port:
+            run_tokens.publish(listen_port)
+        server, port = start_server(runtime, address, auth=identity.authenticator, credentials=credentials)
+        if run_tokens is not None and not listen_port:
+            run_tokens.publish(port)
+    except BaseException:
+        if run_tokens is not None:
+            run_tokens.unpublish()
+        raise
     security = ("TLS" if credentials else "plaintext") + (", mutual TLS" if tls.ca else "") + (
-        ", bearer tokens" if store else "")
+        ", bearer tokens" if store else "") + f"; {identity.description}"
     log.info("listening on %s (port %d, %s); run directory %s", address, port, security, run_dir.path)
     previous = _install_stop_handlers()
-    if store is not None and threading.current_thread() is threading.main_thread():
-        install_sighup_reload(store)
+    reloadable = [r for r in (store, allowed) if r is not None and getattr(r, "path", None) is not None]
+    if reloadable and threading.current_thread() is threading.main_thread():
+        install_sighup_reload(*reloadable)
+    finished = False  # clients are told the run is over only when it is; otherwise "stopping, keep waiting"
     try:
         experiment.loop.run(config.rounds)  # the one driver: it asks the strategy before every round
         summary = finish_run(experiment, run_dir, time.perf_counter() - start)
+        finished = True
         metric = summary["final_metric"]
         log.info("finished %d rounds: final %s %s; model in %s", summary["rounds"], metric,
                  summary[f"final_{metric}"], run_dir.path)
         return summary
-    except Stopped:
-        log.info("stopped after round %d; continue with: fedlearn server --resume %s", experiment.loop.round,
-                 run_dir.path)
-        return {"rounds": experiment.loop.round, "stopped": True, "run_dir": str(run_dir.path)}
+    except Stopped as exc:
+        experiment.loop.flush()  # the last completed round's checkpoint is on disk before the process exits
+        log.info("stopped by %s after round %d of %d; clients wait for the server; continue with: "
+                 "fedlearn server --resume %s", exc, experiment.loop.round, config.rounds, run_dir.path)
+        return {"rounds": experiment.loop.round, "stopped": True, "signal": str(exc), "exit_code": exc.exit_code,
+                "run_dir": str(run_dir.path)}
+    except BaseException as exc:
+        log.error("server stopped after round %d by an error (%s); clients wait for the server; once fixed, "
+                  "continue with: fedlearn server --resume %s", experiment.loop.round, type(exc).__name__,
+                  run_dir.path)
+        raise
     finally:
-        runtime.finish()
-        time.sleep(0.5)  # let long-polling clients hear that the run is over
+        (runtime.finish if finished else runtime.stop)()
+        time.sleep(0.5)  # let long-polling clients hear it
         server.stop(grace=2).wait()
+        if run_tokens is not None:
+            run_tokens.unpublish()
         _restore_handlers(previous)
 
 
@@ -145,9 +201,20 @@ def _install_stop_handlers() -> dict[int, Any]:
         return {}
 
     def stop(signum: int, frame: Any) -> None:
-        raise Stopped(signal.Signals(signum).name)
+        _ignore_stop_signals(handlers)  # first, so a second signal cannot interrupt the shutdown
+        raise Stopped(signum)
 
-    return {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    return handlers
+
+
+def _ignore_stop_signals(previous: dict[int, Any]) -> None:
+    """While stopping, further SIGTERM/SIGINT only say so (``previous``: the handlers to restore later)."""
+    def already(signum: int, frame: Any) -> None:
+        log.info("already stopping (%s ignored)", signal.Signals(signum).name)
+
+    for sig in previous:
+        signal.signal(sig, already)
 
 
 def _restore_handlers(previous: dict[int, Any]) -> None:
@@ -183,11 +250,15 @@ def run_client(
     give_up_after: float | None = 3600.0,
     state_dir: str | os.PathLike | None = None,
 ) -> int:
-    """Join ``server`` as one client and answer its tasks until the run finishes; returns tasks done."""
+    """Join ``server`` as one client and answer its tasks until the run finishes; returns tasks done.
+
+    Without ``token_file``, a client of a loopback server uses the per-run token that server issued
+    for its id on this machine, if it issued one (``fedlearn.security.runtokens``).
+    """
     import torch
 
     from fedlearn.runtime.grpc.client import RemoteClient
-    from fedlearn.security import channel_credentials, require_tls
+    from fedlearn.security import channel_credentials, is_loopback, require_tls, wait_for_run_token
 
     tls = tls or TLSFiles()
     if (tls.cert is None) != (tls.key is None):
@@ -208,6 +279,8 @@ def run_client(
         raise ConfigError("seeded_privacy makes privacy noise predictable and is for simulations only; remove it "
                           "from this client's config")
     client_id, data = client_data_for(config, bundle, partition_index, client_id)
+    if token is None and is_loopback(server):
+        token = wait_for_run_token(server, client_id, give_up_after)
     app = client_app(config, initial_model(config, bundle), {client_id: data}, config.task_name or bundle.task,
                      commit_state=True)
     state_root = Path(state_dir or f"fedlearn-client-state/{_safe(client_id)}")
@@ -222,8 +295,10 @@ def run_client(
     # The first optimizer a process builds imports torch._dynamo (~2 s here): pay it before joining,
     # not inside round 1's deadline.
     torch.optim.SGD(app.trainer.model.parameters(), lr=0.1)
+    examples = (len(data.train), 0 if data.test is None else len(data.test))  # declared at Join: caps its weight
     client = RemoteClient(server, client_id, app, credentials=credentials, token=token,
-                          poll_seconds=poll_seconds, give_up_after=give_up_after, on_join=open_state)
+                          poll_seconds=poll_seconds, give_up_after=give_up_after, on_join=open_state,
+                          examples=examples)
     logging.getLogger("fedlearn.client").info("client %s joining %s", client_id, server)
     try:
         return client.run()

@@ -30,6 +30,7 @@ from fedlearn.runtime.base import Runtime
 from fedlearn.runtime.inprocess import InProcessRuntime
 from fedlearn.seeding import derive_seed
 from fedlearn.server.evaluation import CentralEvaluator
+from fedlearn.server.influence import InfluenceBound
 from fedlearn.server.loop import RoundCallback, RoundLoop
 from fedlearn.server.secure import HomomorphicRound, SecAggSettings, SecureAggregationRound, require_sum_only
 from fedlearn.strategies import Strategy
@@ -82,7 +83,7 @@ def build_clients(config: RunConfig, bundle: DatasetBundle) -> tuple[dict[str, C
         else:
             client_id = f"client-{i}"
             split_seed = derive_seed(config.seed, "split", i)
-            train_idx, test_idx = split_train_test(share, config.client_test_fraction, split_seed)
+            train_idx, test_idx = split_train_test(share, config.effective_client_test_fraction, split_seed)
             test_base, test_lab = bundle.train, labels
         train = Subset(bundle.train, torch.as_tensor(train_idx, dtype=torch.long))
         test = Subset(test_base, torch.as_tensor(test_idx, dtype=torch.long)) if len(test_idx) else None
@@ -253,5 +254,8 @@ def build_experiment(
         checkpoint_path=checkpoint_path, callbacks=callbacks,
         sums=secure_round(config, strategy, clients), client_state=state,
         before_round=before_round, reported=get_task(task).reported,
+        influence=InfluenceBound(config.update_bound) if config.update_bound > 0 else None,
+        max_examples=config.max_examples_per_client,
+        binary=task == "classification" and bundle.num_classes == 2,
     )
     return Experiment(config, bundle, clients, info, loop, server_model, task)

@@ -1,4 +1,5 @@
-"""Live progress bar and final summary table for `fedlearn run` (rich)."""
+"""Progress of `fedlearn run`: a live bar on a terminal (rich), one line per round into a file or pipe, and the
+final summary table."""
 
 from __future__ import annotations
 
@@ -19,18 +20,32 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 
 class RunProgress:
-    """Shows round, accuracy and loss as rounds complete; prints a summary table at the end."""
+    """Shows round, metric and loss as rounds complete; prints a summary table at the end.
+
+    On a terminal that is a live bar; otherwise (output to a file or pipe, where a bar shows nothing until the
+    end) one plain line per round, flushed at once. Disabled (``--quiet``), nothing.
+    """
 
     def __init__(self, enabled: bool = True, console: Console | None = None) -> None:
         self.enabled = enabled
         self.console = console or Console(stderr=True)
         self._progress: Progress | None = None
         self._task = None
+        self._lines = False
+        self._total = 0
+        self._metric = "accuracy"
 
     @contextmanager
-    def running(self, config: RunConfig, done: int) -> Iterator[None]:
+    def running(self, config: RunConfig, done: int, metric: str = "accuracy") -> Iterator[None]:
         if not self.enabled:
             yield
+            return
+        if not self.console.is_terminal:
+            self._lines, self._total, self._metric = True, config.rounds, metric
+            try:
+                yield
+            finally:
+                self._lines = False
             return
         self._progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -44,10 +59,24 @@ class RunProgress:
         self._progress = None
 
     def update(self, row: dict[str, Any]) -> None:
-        if self._progress is not None:
+        if self._lines:
+            self._write_line(row)
+        elif self._progress is not None:
             self._progress.update(
                 self._task, completed=row["round"], acc=_fmt(row.get("test_accuracy")), loss=_fmt(row.get("test_loss"))
             )
+
+    def _write_line(self, row: dict[str, Any]) -> None:
+        """'round 3/20: accuracy 0.9123, loss 0.2345, 10/10 clients, 1.2 s' (the metric is the task's)."""
+        line = (f"round {row['round']}/{self._total}: {self._metric} {_fmt(row.get(f'test_{self._metric}'))}, "
+                f"loss {_fmt(row.get('test_loss'))}")
+        if "clients_succeeded" in row and "clients_sampled" in row:
+            line += f", {row['clients_succeeded']}/{row['clients_sampled']} clients"
+        if row.get("seconds") is not None:
+            line += f", {row['seconds']:.1f} s"
+        file = self.console.file
+        file.write(line + "\n")
+        file.flush()
 
     def summary(self, summary: dict[str, Any]) -> None:
         if not self.enabled:

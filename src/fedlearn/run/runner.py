@@ -11,7 +11,7 @@ from fedlearn.errors import ConfigError
 from fedlearn.metrics import BINARY_KEYS
 from fedlearn.run.config import RunConfig
 from fedlearn.run.experiment import Experiment, RuntimeFactory, build_experiment, resolve_privacy
-from fedlearn.run.rundir import RunDir, default_run_dir
+from fedlearn.run.rundir import RunDir, check_output, default_run_dir
 from fedlearn.server.loop import RoundCallback
 
 
@@ -24,27 +24,61 @@ def prepare_run(
     runtime: RuntimeFactory | None = None,
     before_round: Callable[[int], None] | None = None,
 ) -> tuple[Experiment, RunDir]:
-    """Build a new run in ``config.output`` (or runs/<timestamp>), or reload ``resume`` at its last round."""
+    """Build a new run in ``config.output`` (or a new runs/<timestamp>), or reload ``resume`` at its last round.
+
+    A resumed run takes config.yaml only if it still holds the settings the run started with (``rounds`` aside);
+    a new run's folder is made (and checked writable) after the config is resolved and before anything is built,
+    and is removed again if building fails before a file was written.
+    """
     if resume is not None:
         run_dir = RunDir(resume)
-        config = run_dir.load_config()
-        if rounds is not None:
-            config = config.updated({"rounds": rounds})
+        config = run_dir.config_for_resume(rounds).validate()
+        created = False
     else:
         if config is None:
             raise ConfigError("give a config or --resume DIR")
-        run_dir = RunDir(config.output or default_run_dir())
-        config = resolve_privacy(config.updated({"output": str(run_dir.path)}).validate())
-    config.validate()
+        config = resolve_new_run(config)
+        if config.output:
+            run_dir = RunDir(config.output)
+            created = run_dir.create()
+        else:
+            run_dir, created = RunDir(default_run_dir()), True
+        config = config.updated({"output": str(run_dir.path)}).validate()
     callbacks = [run_dir.append_metrics, *callbacks]
-    experiment = build_experiment(config, runtime=runtime, checkpoint_path=run_dir.checkpoint, callbacks=callbacks,
-                                  before_round=before_round)
-    if resume is not None:
-        experiment.loop.resume(run_dir.checkpoint)
-        run_dir.rewrite_metrics(experiment.loop.history)
-    else:
-        run_dir.start(config, experiment.partition)
+    try:
+        experiment = build_experiment(config, runtime=runtime, checkpoint_path=run_dir.checkpoint,
+                                      callbacks=callbacks, before_round=before_round)
+        if resume is not None:
+            experiment.loop.resume(run_dir.checkpoint)
+            run_dir.rewrite_metrics(experiment.loop.history)
+        else:
+            run_dir.start(config, experiment.partition)
+    except BaseException:
+        if created:
+            run_dir.discard_if_unused()
+        raise
     return experiment, run_dir
+
+
+def check_run(config: RunConfig | None = None, *, resume: str | os.PathLike | None = None,
+              rounds: int | None = None) -> RunConfig:
+    """The config ``prepare_run`` would run, with every check that needs no data or model (``--dry-run``):
+    validation, DP's calibration, the output folder, a resumed run's unchanged settings. Writes nothing."""
+    if resume is not None:
+        return RunDir(resume).config_for_resume(rounds, record=False).validate()
+    if config is None:
+        raise ConfigError("give a config or --resume DIR")
+    config = resolve_new_run(config)
+    if config.output:
+        check_output(config.output)
+    return config
+
+
+def resolve_new_run(config: RunConfig) -> RunConfig:
+    """A new run's config as its config.yaml records it: validated, with the values DP derives and the client test
+    share filled in (so a resumed run, or a later release with other defaults, reads back exactly what ran)."""
+    config = resolve_privacy(config.validate())
+    return config.updated({"client_test_fraction": config.effective_client_test_fraction}).validate()
 
 
 def finish_run(experiment: Experiment, run_dir: RunDir, wall_seconds: float) -> dict[str, Any]:

@@ -28,6 +28,11 @@ class Runtime(Protocol):
         """Clients that can be given work this round."""
         ...
 
+    def declared_examples(self, client_id: str) -> tuple[int, int] | None:
+        """(train, test) example counts the client declared (at join, or its simulated partition); None if unknown.
+        The server clamps a result's weight to them."""
+        ...
+
     def deliver(self, tasks: Sequence[Message]) -> Iterator[Message | ClientFailure]:
         """Deliver tasks (train, evaluate or protocol steps); yield each answer, in task order."""
         ...

@@ -25,6 +25,11 @@ class InProcessRuntime:
     def client_ids(self) -> list[str]:
         return self.app.client_ids()
 
+    def declared_examples(self, client_id: str) -> tuple[int, int] | None:
+        """(train, test) examples the client holds: in a simulation the server knows its partition."""
+        data = self.app.clients.get(client_id)
+        return None if data is None else (len(data.train), 0 if data.test is None else len(data.test))
+
     def deliver(self, tasks: Sequence[Message]) -> Iterator[Message | ClientFailure]:
         # Clients that share one test Dataset object (the seed example gives all five the same
         # MNIST test set) get the same answer for the same weights: score it once per batch.

@@ -5,9 +5,13 @@
 - ``tls``: gRPC credentials from those files, TLS by default off loopback, a client-side probe.
 - ``tokens``: per-client bearer tokens kept as hashes in a file the server re-reads on SIGHUP.
 - ``auth``: who a gRPC call comes from, refusing unknown or unauthenticated clients.
+- ``allowlist``: the client ids an operator names (``--allowed-clients``).
+- ``runtokens``: per-run tokens a loopback server issues to its expected clients.
+- ``identity``: which of these a `fedlearn server` uses, refusing to start when none would.
 """
 
-from fedlearn.security.auth import Authenticator, bearer_token
+from fedlearn.security.allowlist import AllowList
+from fedlearn.security.auth import CLIENT_ID_HEADER, Authenticator, bearer_token, claimed_client_id
 from fedlearn.security.certs import (
     CA_CERT,
     CA_KEY,
@@ -23,7 +27,15 @@ from fedlearn.security.certs import (
     issue,
     san_covers,
 )
-from fedlearn.security.errors import CertificateError, InsecureTransportError, TokenFileError
+from fedlearn.security.errors import (
+    AllowListError,
+    CertificateError,
+    ClientIdentityError,
+    InsecureTransportError,
+    TokenFileError,
+)
+from fedlearn.security.identity import ClientIdentity, server_identity
+from fedlearn.security.runtokens import RunTokens, wait_for_run_token
 from fedlearn.security.tls import (
     bearer_metadata,
     channel_credentials,
@@ -38,11 +50,17 @@ from fedlearn.security.tokens import TokenStore, hash_token, install_sighup_relo
 __all__ = [
     "CA_CERT",
     "CA_KEY",
+    "CLIENT_ID_HEADER",
     "DEFAULT_SERVER_HOSTS",
+    "AllowList",
+    "AllowListError",
     "Authenticator",
     "CertPaths",
     "CertificateError",
+    "ClientIdentity",
+    "ClientIdentityError",
     "InsecureTransportError",
+    "RunTokens",
     "TokenFileError",
     "TokenStore",
     "bearer_metadata",
@@ -53,6 +71,7 @@ __all__ = [
     "check_client_id",
     "check_client_identity",
     "check_server_identity",
+    "claimed_client_id",
     "client_id_from_auth_context",
     "hash_token",
     "init_ca",
@@ -64,5 +83,7 @@ __all__ = [
     "require_tls",
     "san_covers",
     "server_credentials",
+    "server_identity",
     "split_host_port",
+    "wait_for_run_token",
 ]

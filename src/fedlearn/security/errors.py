@@ -15,3 +15,11 @@ class TokenFileError(FedLearnError):
 
 class InsecureTransportError(FedLearnError):
     """Plaintext gRPC was asked for on an address other than this machine's loopback."""
+
+
+class AllowListError(FedLearnError):
+    """A ``--allowed-clients`` list or file is empty, unreadable or names something that is not a client id."""
+
+
+class ClientIdentityError(FedLearnError):
+    """The server would not know who its clients are (nothing authenticates them), or its settings contradict."""

@@ -29,6 +29,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from fedlearn.security.certs import check_client_id
 from fedlearn.security.errors import CertificateError, TokenFileError
@@ -41,6 +42,12 @@ _HEADER = (
     "# FedLearn client tokens: one '<client_id> sha256:<hex>' per line; only hashes are kept here.\n"
     "# Add a client with `fedlearn tokens add NAME`, then send the server SIGHUP to reload.\n"
 )
+
+
+class Reloadable(Protocol):
+    """Anything SIGHUP re-reads: a TokenStore, an AllowList from a file."""
+
+    def reload(self) -> bool: ...
 
 
 def new_token() -> str:
@@ -208,22 +215,25 @@ def _atomic_write(path: Path, text: str, mode: int) -> None:
         raise
 
 
-def install_sighup_reload(store: TokenStore) -> Callable | int | None:
-    """Make SIGHUP call ``store.reload()``; return the previous handler so a caller can restore it.
+def install_sighup_reload(*targets: Reloadable) -> Callable | int | None:
+    """Make SIGHUP call ``reload()`` on each target (a TokenStore, an ``@FILE`` allow-list); return the previous
+    handler so a caller can restore it.
 
     Python runs signal handlers only on the main thread and only lets the main thread install
     them, so call this from the main thread (the CLI's ``fedlearn server``) before serving;
     elsewhere it raises RuntimeError. The handler runs between bytecodes of the main thread,
-    which is why TokenStore uses a reentrant lock. On platforms without SIGHUP (Windows) it
+    which is why TokenStore and AllowList use reentrant locks. On platforms without SIGHUP (Windows) it
     logs a warning and returns None: restart the server to pick up a new token file there.
     """
     if not hasattr(signal, "SIGHUP"):
-        log.warning("this platform has no SIGHUP; restart the server to reload %s", store.path)
+        log.warning("this platform has no SIGHUP; restart the server to reload %s",
+                    ", ".join(str(getattr(t, "path", t)) for t in targets))
         return None
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError("install_sighup_reload must be called from the main thread")
 
     def _on_sighup(signum, frame) -> None:
-        store.reload()
+        for target in targets:
+            target.reload()
 
     return signal.signal(signal.SIGHUP, _on_sighup)

@@ -55,5 +55,10 @@ def collect(runtime: Runtime, tasks: Sequence[Message], accept: Callable[[Messag
             log.warning("round %d: rejected %s: %s", rnd, what, exc)
             if answer.client_id not in traffic.failed:
                 traffic.failed.append(answer.client_id)
+        except Exception:  # noqa: BLE001 - a check that broke on hostile input must not end the run for everyone
+            log.exception("round %d: rejected %s from %s: checking it failed inside the server (a fedlearn bug; "
+                          "please report it)", rnd, what, answer.client_id)
+            if answer.client_id not in traffic.failed:
+                traffic.failed.append(answer.client_id)
     traffic.failed.extend(pending)  # tasks that got no answer at all
     return traffic

@@ -11,7 +11,9 @@ import math
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -22,9 +24,11 @@ from fedlearn.metrics import BINARY_KEYS, FEDERATED_KEYS
 from fedlearn.protocol.messages import EvalResult, Message, TrainResult
 from fedlearn.protocol.params import ParamSpec, check_vector
 from fedlearn.runtime.base import Runtime
-from fedlearn.server.checkpoint import load_checkpoint, save_checkpoint
+from fedlearn.server.checkpoint import KEEP, load_latest_checkpoint, save_checkpoint
 from fedlearn.server.collect import Traffic, collect
-from fedlearn.server.validation import check_result
+from fedlearn.server.influence import InfluenceBound
+from fedlearn.server.ledger import LEDGER, PrivacyLedger, carry_forward, privacy_state
+from fedlearn.server.validation import MAX_EXAMPLES_PER_CLIENT, check_eval_result, check_result
 from fedlearn.strategies.base import Aggregator, ServerState, Strategy
 
 log = logging.getLogger(__name__)
@@ -55,11 +59,15 @@ class PlainSum:
     def collect(self, rnd: int, tasks: list, loop: RoundLoop, aggregator: Aggregator) -> tuple[Traffic, str | None]:
         expected = loop.strategy.expected_arrays(loop.state)
         losses = loop.round_losses
+        bound = loop.influence
+        limit = bound.limit(loop.state.weights) if bound is not None else math.inf
 
         def accept(task: Message, answer: Message) -> None:
             if not isinstance(answer, TrainResult):
                 raise InvalidUpdateError(f"{answer.client_id} answered a train task with a {type(answer).__name__}")
-            arrays = check_result(answer, task, expected)
+            answer = check_result(answer, task, expected, known=loop.declared(answer.client_id, 0),
+                                  ceiling=loop.max_examples)
+            arrays = answer.arrays if bound is None else bound.apply(answer.client_id, answer.arrays, limit)
             aggregator.add(answer, arrays)
             losses.append((float(answer.metrics.get("train_loss", 0.0)), answer.num_examples))
 
@@ -107,6 +115,9 @@ class RoundLoop:
         client_state: ClientStateStore | None = None,
         before_round: Callable[[int], None] | None = None,
         reported: tuple[str, ...] = ("loss", "accuracy"),
+        influence: InfluenceBound | None = None,
+        max_examples: int = MAX_EXAMPLES_PER_CLIENT,
+        binary: bool | None = None,
     ) -> None:
         check_vector(weights, spec)
         self.strategy = strategy
@@ -125,15 +136,26 @@ class RoundLoop:
         self.client_state = client_state
         self.before_round = before_round
         self.reported = reported  # the task's test_* fields (regression: loss, mse, mae; no accuracy)
+        self.influence = influence  # the per-client norm bound of plain rounds (None: off)
+        self.max_examples = max_examples  # the ceiling on any count a client declares
+        self.binary = binary  # whether the model is a two-class classifier (None: unknown, binary counts accepted)
         self.round = 0
         self.history: list[dict[str, Any]] = []
         self.round_losses: list[tuple[float, int]] = []
         self._writer: threading.Thread | None = None
         self._writer_error: BaseException | None = None
+        self._kept: deque[dict[str, int]] = deque(maxlen=KEEP)  # client-state indexes the kept checkpoints name
 
     @property
     def weights(self) -> torch.Tensor:
         return self.state.weights
+
+    def declared(self, client_id: str, which: int) -> int | None:
+        """The client's training (0) or test (1) count as the runtime knows it (declared at join, or the
+        simulation's partition); None when the runtime cannot tell."""
+        declared = getattr(self.runtime, "declared_examples", None)
+        counts = declared(client_id) if declared is not None else None
+        return None if counts is None else counts[which]
 
     def run(self, num_rounds: int) -> list[dict[str, Any]]:
         """Run until ``num_rounds`` rounds are complete in total (resumed rounds count), or the strategy stops."""
@@ -167,10 +189,13 @@ class RoundLoop:
               aborted: str | None = None) -> dict[str, Any]:
         """Turn the cohort's aggregate into new weights (if enough answered) and build the round's row."""
         self.flush()  # the previous round's checkpoint is durable before this round's results count
+        self._book_privacy(rnd)
         needed = max(self.min_clients, math.ceil(self.min_fit_fraction * sampled - 1e-9), 1)
         aggregated = aggregator.count >= needed
         if aggregated or self.strategy.aggregates_empty_rounds:
-            self.state = self.strategy.apply(self.state, aggregator.result(), aggregator.count)
+            new = self._applied(rnd, aggregator)
+            aggregated = aggregated and new is not None
+            self.state = new or self.state
         else:
             log.warning("round %d: only %d of %d clients succeeded (need %d); weights unchanged",
                         rnd, aggregator.count, sampled, needed)
@@ -185,11 +210,26 @@ class RoundLoop:
             "bytes_up": traffic.bytes_up,
             "bytes_down": traffic.bytes_down,
         }
+        if self.influence is not None and self.sums.name == "plain":
+            row.update(self.influence.end_round())  # updates scaled down to the round's limit, or refused
         if self.sums.name != "plain":
             row["secure_aggregation"] = self.sums.name
             if aborted:
                 row["secure_aggregation_aborted"] = aborted
         return row
+
+    def _applied(self, rnd: int, aggregator: Aggregator) -> ServerState | None:
+        """The strategy's new state, or None (weights unchanged) when it would leave the model non-finite."""
+        try:
+            new = self.strategy.apply(self.state, aggregator.result(), aggregator.count)
+        except InvalidUpdateError as exc:
+            log.error("round %d: the aggregate was refused (%s); weights unchanged", rnd, exc)
+            return None
+        low, high = torch.aminmax(new.weights)
+        if not (math.isfinite(low.item()) and math.isfinite(high.item())):
+            log.error("round %d: the aggregate would make the model non-finite; weights unchanged", rnd)
+            return None
+        return new
 
     def _evaluate(self, rnd: int) -> dict[str, Any]:
         """The row's test fields: central when there is an evaluator, else federated; binary tasks add
@@ -205,6 +245,11 @@ class RoundLoop:
             central = self.evaluator.score(self.state.weights)
             out.update({f"test_{k}": central.get(k) for k in self.reported})
             out.update({f"test_{k}": central[k] for k in BINARY_KEYS if k in central})
+        diverged = sorted(k for k, v in out.items() if isinstance(v, float) and not math.isfinite(v))
+        if diverged:  # JSON has no NaN: the row says None, the log says why
+            log.warning("round %d: the global model's %s is not finite: it diverged (lower --lr) or was poisoned",
+                        rnd, ", ".join(diverged))
+            out.update(dict.fromkeys(diverged))
         return out
 
     def evaluate_federated(self, rnd: int | None = None) -> dict[str, float]:
@@ -217,7 +262,8 @@ class RoundLoop:
         def accept(task: Message, answer: Message) -> None:
             if not isinstance(answer, EvalResult):
                 raise InvalidUpdateError(f"{answer.client_id} answered an evaluation with a {type(answer).__name__}")
-            results.append(answer)
+            results.append(check_eval_result(answer, task, known=self.declared(answer.client_id, 1),
+                                             ceiling=self.max_examples, binary=self.binary))
 
         collect(self.runtime, tasks, accept, rnd, "evaluation")
         return self.strategy.aggregate_evaluate(results)
@@ -237,25 +283,30 @@ class RoundLoop:
         }
         if self.client_state is not None:
             out["client_state"] = self.client_state.state_dict()
+        if self.influence is not None:
+            out["influence"] = self.influence.state_dict()
         return out
 
     def save(self, path: str | os.PathLike, *, background: bool = False) -> None:
         """Checkpoint atomically: client state files first, then the server state that names them.
 
-        With ``background`` the file is written (and fsynced) by a thread while the next round trains;
-        ``apply`` waits for it before the next round's results change the model, so a crash still leaves
-        the previous round's checkpoint or this one.
+        The last ``KEEP`` checkpoints are kept (``checkpoint.pt``, ``checkpoint.1.pt``, ...), and the client state
+        files each of them names, so a resume can fall back to an older one. With ``background`` the file is written
+        (and fsynced) by a thread while the next round trains; ``apply`` waits for it before the next round's
+        results change the model, so a crash still leaves the previous round's checkpoint or this one.
         """
         self.flush()
         if self.client_state is not None:
             self.client_state.commit()
-        state = {**self.state_dict(), "history": list(self.history)}
+        state = {**self.state_dict(), "history": list(self.history), "client_state_kept": list(self._kept)[1 - KEEP:]}
+        index = self.client_state.index() if self.client_state is not None else {}
 
         def write() -> None:
             try:
-                save_checkpoint(path, state)
+                save_checkpoint(path, state, keep=KEEP)
+                self._kept.append(index)
                 if self.client_state is not None:
-                    self.client_state.prune()
+                    self.client_state.prune(self._kept)
             except BaseException as exc:  # re-raised in the driver's thread by flush()
                 self._writer_error = exc
 
@@ -275,6 +326,18 @@ class RoundLoop:
             error, self._writer_error = self._writer_error, None
             raise error
 
+    def _ledger(self, path: str | os.PathLike | None = None) -> PrivacyLedger | None:
+        """The run folder's privacy ledger (beside the checkpoint), or None without a checkpoint path."""
+        path = path if path is not None else self.checkpoint_path
+        return None if path is None else PrivacyLedger(Path(path).with_name(LEDGER))
+
+    def _book_privacy(self, rnd: int) -> None:
+        """Record what the strategy has spent, through round ``rnd``, before that round's results are applied."""
+        ledger = self._ledger()
+        spent = privacy_state(self.strategy) if ledger is not None else None
+        if ledger is not None and spent is not None:
+            ledger.record(rnd, spent)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if ParamSpec.from_dict(state["spec"]) != self.spec:
             raise CheckpointError("checkpoint was written for a different model; resume with the run's own config")
@@ -288,7 +351,23 @@ class RoundLoop:
         self.seed = int(state["seed"])
         if self.client_state is not None and "client_state" in state:
             self.client_state.load_state_dict(state["client_state"])
+        if self.influence is not None and "influence" in state:
+            self.influence.load_state_dict(state["influence"])
 
     def resume(self, path: str | os.PathLike) -> None:
-        """Continue from the last round completed in the checkpoint at ``path``."""
-        self.load_state_dict(load_checkpoint(path))
+        """Continue from the newest intact checkpoint of ``path`` (damaged ones are skipped with a warning).
+
+        Falling back to an older checkpoint rolls the client state back with it, but not the privacy spent: the
+        accountant continues from the run's privacy ledger when that is ahead of the checkpoint.
+        """
+        state, used = load_latest_checkpoint(path, keep=KEEP)
+        self.load_state_dict(state)
+        kept = [k for k in state.get("client_state_kept", []) if isinstance(k, dict)
+                and all(isinstance(c, str) and type(v) is int for c, v in k.items())]
+        own = self.client_state.index() if self.client_state is not None else {}
+        self._kept = deque([*kept, own], maxlen=KEEP)
+        ledger = self._ledger(path)
+        spent = ledger.latest() if ledger is not None else None
+        if spent is not None and carry_forward(self.strategy, spent):
+            log.warning("resuming at round %d from %s, but privacy was spent through round %d: the accountant "
+                        "keeps that spend (privacy is never rolled back)", self.round, used.name, spent["round"])

@@ -1,15 +1,19 @@
-"""Refusals with a gRPC status, and the claimed identity used on loopback without TLS or tokens.
+"""Refusals with a gRPC status, and the claimed identity of a runtime served without an Authenticator.
 
-Real authentication (client certificates, bearer tokens) is ``fedlearn.security.Authenticator``;
-a server started without either trusts the id a client claims, which ``fedlearn server`` allows
-only on a loopback address or with ``--insecure``.
+Real authentication (client certificates, bearer tokens) is ``fedlearn.security.Authenticator``,
+which ``fedlearn server`` always installs: on loopback without --tokens or --client-ca it issues
+per-run tokens, and it trusts claimed ids only with ``--allow-any-client``. A GrpcRuntime served
+with no Authenticator at all (tests, benchmarks) trusts the id a client claims.
 """
 
 from __future__ import annotations
 
 import grpc
 
-CLIENT_ID_HEADER = "x-fedlearn-client-id"
+from fedlearn.security.auth import CLIENT_ID_HEADER, claimed_client_id
+
+__all__ = ["CLIENT_ID_HEADER", "FORMAT_HEADER", "AuthError", "check_format", "claimed_identity"]
+
 FORMAT_HEADER = "x-fedlearn-format"  # the message format version a client speaks (fedlearn.protocol.codec)
 
 
@@ -23,9 +27,9 @@ class AuthError(Exception):
 
 def claimed_identity(context: grpc.ServicerContext) -> str:
     """The client id a caller claims in its metadata (development only: nothing proves it)."""
-    for key, value in context.invocation_metadata() or ():
-        if key == CLIENT_ID_HEADER and value:
-            return value
+    client_id = claimed_client_id(context)
+    if client_id is not None:
+        return client_id
     raise AuthError(grpc.StatusCode.UNAUTHENTICATED, f"no client identity: send the {CLIENT_ID_HEADER} header")
 
 

@@ -24,29 +24,31 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$fedlearn/runtime/grpc/fedlearn.proto\x12\x0b\x66\x65\x64learn.v1\" \n\x0bJoinRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"K\n\tJoinReply\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x18\n\x10\x63ompleted_rounds\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_rounds\x18\x03 \x01(\x05\"#\n\x0bPollRequest\x12\x14\n\x0cwait_seconds\x18\x01 \x01(\x01\"z\n\x08TaskInfo\x12\x10\n\x08has_task\x18\x01 \x01(\x08\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\r\n\x05round\x18\x05 \x01(\x05\x12\x0c\n\x04size\x18\x06 \x01(\x03\x12\x0e\n\x06sha256\x18\x07 \x01(\x0c\"2\n\x0f\x44ownloadRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"^\n\x05\x43hunk\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x12\n\ntotal_size\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\x0c\"*\n\x13UploadStatusRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\"1\n\x0bUploadReply\x12\x10\n\x08received\x18\x01 \x01(\x03\x12\x10\n\x08\x63omplete\x18\x02 \x01(\x08\x32\xd1\x02\n\x08\x46\x65\x64Learn\x12\x38\n\x04Join\x12\x18.fedlearn.v1.JoinRequest\x1a\x16.fedlearn.v1.JoinReply\x12;\n\x08PollTask\x12\x18.fedlearn.v1.PollRequest\x1a\x15.fedlearn.v1.TaskInfo\x12\x42\n\x0c\x44ownloadTask\x12\x1c.fedlearn.v1.DownloadRequest\x1a\x12.fedlearn.v1.Chunk0\x01\x12>\n\x0cUploadResult\x12\x12.fedlearn.v1.Chunk\x1a\x18.fedlearn.v1.UploadReply(\x01\x12J\n\x0cUploadStatus\x12 .fedlearn.v1.UploadStatusRequest\x1a\x18.fedlearn.v1.UploadReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$fedlearn/runtime/grpc/fedlearn.proto\x12\x0b\x66\x65\x64learn.v1\"~\n\x0bJoinRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x1b\n\x0etrain_examples\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x1a\n\rtest_examples\x18\x03 \x01(\x04H\x01\x88\x01\x01\x42\x11\n\x0f_train_examplesB\x10\n\x0e_test_examples\"K\n\tJoinReply\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x18\n\x10\x63ompleted_rounds\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_rounds\x18\x03 \x01(\x05\"#\n\x0bPollRequest\x12\x14\n\x0cwait_seconds\x18\x01 \x01(\x01\"\xa0\x01\n\x08TaskInfo\x12\x10\n\x08has_task\x18\x01 \x01(\x08\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\r\n\x05round\x18\x05 \x01(\x05\x12\x0c\n\x04size\x18\x06 \x01(\x03\x12\x0e\n\x06sha256\x18\x07 \x01(\x0c\x12$\n\x05state\x18\x08 \x01(\x0e\x32\x15.fedlearn.v1.RunState\"2\n\x0f\x44ownloadRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"^\n\x05\x43hunk\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x12\n\ntotal_size\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\x0c\"*\n\x13UploadStatusRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\"1\n\x0bUploadReply\x12\x10\n\x08received\x18\x01 \x01(\x03\x12\x10\n\x08\x63omplete\x18\x02 \x01(\x08*Q\n\x08RunState\x12\x15\n\x11RUN_STATE_RUNNING\x10\x00\x12\x16\n\x12RUN_STATE_FINISHED\x10\x01\x12\x16\n\x12RUN_STATE_STOPPING\x10\x02\x32\xd1\x02\n\x08\x46\x65\x64Learn\x12\x38\n\x04Join\x12\x18.fedlearn.v1.JoinRequest\x1a\x16.fedlearn.v1.JoinReply\x12;\n\x08PollTask\x12\x18.fedlearn.v1.PollRequest\x1a\x15.fedlearn.v1.TaskInfo\x12\x42\n\x0c\x44ownloadTask\x12\x1c.fedlearn.v1.DownloadRequest\x1a\x12.fedlearn.v1.Chunk0\x01\x12>\n\x0cUploadResult\x12\x12.fedlearn.v1.Chunk\x1a\x18.fedlearn.v1.UploadReply(\x01\x12J\n\x0cUploadStatus\x12 .fedlearn.v1.UploadStatusRequest\x1a\x18.fedlearn.v1.UploadReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedlearn.runtime.grpc.fedlearn_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_RUNSTATE']._serialized_start=701
+  _globals['_RUNSTATE']._serialized_end=782
   _globals['_JOINREQUEST']._serialized_start=53
-  _globals['_JOINREQUEST']._serialized_end=85
-  _globals['_JOINREPLY']._serialized_start=87
-  _globals['_JOINREPLY']._serialized_end=162
-  _globals['_POLLREQUEST']._serialized_start=164
-  _globals['_POLLREQUEST']._serialized_end=199
-  _globals['_TASKINFO']._serialized_start=201
-  _globals['_TASKINFO']._serialized_end=323
-  _globals['_DOWNLOADREQUEST']._serialized_start=325
-  _globals['_DOWNLOADREQUEST']._serialized_end=375
-  _globals['_CHUNK']._serialized_start=377
-  _globals['_CHUNK']._serialized_end=471
-  _globals['_UPLOADSTATUSREQUEST']._serialized_start=473
-  _globals['_UPLOADSTATUSREQUEST']._serialized_end=515
-  _globals['_UPLOADREPLY']._serialized_start=517
-  _globals['_UPLOADREPLY']._serialized_end=566
-  _globals['_FEDLEARN']._serialized_start=569
-  _globals['_FEDLEARN']._serialized_end=906
+  _globals['_JOINREQUEST']._serialized_end=179
+  _globals['_JOINREPLY']._serialized_start=181
+  _globals['_JOINREPLY']._serialized_end=256
+  _globals['_POLLREQUEST']._serialized_start=258
+  _globals['_POLLREQUEST']._serialized_end=293
+  _globals['_TASKINFO']._serialized_start=296
+  _globals['_TASKINFO']._serialized_end=456
+  _globals['_DOWNLOADREQUEST']._serialized_start=458
+  _globals['_DOWNLOADREQUEST']._serialized_end=508
+  _globals['_CHUNK']._serialized_start=510
+  _globals['_CHUNK']._serialized_end=604
+  _globals['_UPLOADSTATUSREQUEST']._serialized_start=606
+  _globals['_UPLOADSTATUSREQUEST']._serialized_end=648
+  _globals['_UPLOADREPLY']._serialized_start=650
+  _globals['_UPLOADREPLY']._serialized_end=699
+  _globals['_FEDLEARN']._serialized_start=785
+  _globals['_FEDLEARN']._serialized_end=1122
 # @@protoc_insertion_point(module_scope)

@@ -5,7 +5,7 @@ import warnings
 
 from fedlearn.runtime.grpc import fedlearn_pb2 as fedlearn_dot_runtime_dot_grpc_dot_fedlearn__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.84.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -26,7 +26,11 @@ if _version_not_supported:
 
 
 class FedLearnStub:
-    """Missing associated documentation comment in .proto file."""
+    """Refusals carry a specific status and a one-line message: INVALID_ARGUMENT for a malformed
+    request, PERMISSION_DENIED / UNAUTHENTICATED for identity, FAILED_PRECONDITION for a call out of
+    turn (PollTask before Join: join again), RESOURCE_EXHAUSTED when a concurrency limit is reached
+    (retry with backoff), UNAVAILABLE while the server is stopping.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -62,10 +66,15 @@ class FedLearnStub:
 
 
 class FedLearnServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Refusals carry a specific status and a one-line message: INVALID_ARGUMENT for a malformed
+    request, PERMISSION_DENIED / UNAUTHENTICATED for identity, FAILED_PRECONDITION for a call out of
+    turn (PollTask before Join: join again), RESOURCE_EXHAUSTED when a concurrency limit is reached
+    (retry with backoff), UNAVAILABLE while the server is stopping.
+    """
 
     def Join(self, request, context):
-        """Announce this client; repeated calls are harmless (reconnects re-join).
+        """Announce this client; repeated calls are harmless (reconnects re-join). A server admits the
+        clients its run needs (or its allow-list names); others get RESOURCE_EXHAUSTED or PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -73,6 +82,7 @@ class FedLearnServicer:
 
     def PollTask(self, request, context):
         """Long-poll for the next task: returns at once when one is waiting, else after wait_seconds.
+        A new poll from the same client ends its previous one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -86,7 +96,8 @@ class FedLearnServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UploadResult(self, request_iterator, context):
-        """Stream a result's body; chunks must continue from what the server already holds.
+        """Stream a result's body; chunks must continue from what the server already holds. Empty chunks
+        are refused; a stream idle too long, or open longer than a round, is cancelled.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -136,7 +147,11 @@ def add_FedLearnServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class FedLearn:
-    """Missing associated documentation comment in .proto file."""
+    """Refusals carry a specific status and a one-line message: INVALID_ARGUMENT for a malformed
+    request, PERMISSION_DENIED / UNAUTHENTICATED for identity, FAILED_PRECONDITION for a call out of
+    turn (PollTask before Join: join again), RESOURCE_EXHAUSTED when a concurrency limit is reached
+    (retry with backoff), UNAVAILABLE while the server is stopping.
+    """
 
     @staticmethod
     def Join(request,

@@ -28,6 +28,41 @@ def chunks(body: bytes, transfer_id: str, offset: int = 0, checksum: bytes | Non
                        total_size=total, sha256=checksum)
 
 
+class Body:
+    """An encoded message held as its parts: a round's task bodies reference the one bytes object of the
+    global weights instead of each holding a copy; chunks are cut across the parts as they are sent."""
+
+    def __init__(self, parts: list[bytes] | tuple[bytes, ...]) -> None:
+        self.parts = tuple(parts)
+        self.size = sum(len(p) for p in self.parts)
+        h = hashlib.sha256()
+        for part in self.parts:
+            h.update(part)
+        self.sha256 = h.digest()
+
+    def read(self, start: int, end: int) -> bytes:
+        """Bytes ``start:end`` of the whole body (one copy of that range only)."""
+        out, base = [], 0
+        for part in self.parts:
+            lo, hi = max(start - base, 0), min(end - base, len(part))
+            if lo < hi:
+                out.append(memoryview(part)[lo:hi])
+            base += len(part)
+            if base >= end:
+                break
+        return b"".join(out)
+
+    def chunks(self, transfer_id: str, offset: int = 0, size: int = CHUNK_BYTES) -> Iterator[pb.Chunk]:
+        """The body from ``offset`` on, as Chunks like ``chunks`` makes (an empty one when nothing is left)."""
+        if offset >= self.size:
+            yield pb.Chunk(transfer_id=transfer_id, offset=self.size, data=b"", total_size=self.size,
+                           sha256=self.sha256)
+            return
+        for start in range(offset, self.size, size):
+            yield pb.Chunk(transfer_id=transfer_id, offset=start, data=self.read(start, start + size),
+                           total_size=self.size, sha256=self.sha256)
+
+
 class TransferError(ValueError):
     """A chunk that does not continue the transfer, or a body that fails its checksum."""
 
