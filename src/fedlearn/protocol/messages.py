@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 Arrays = dict[str, torch.Tensor]
+MAX_EXAMPLES_PER_CLIENT = 10_000_000  # the default ceiling on any example count a client declares (per run)
 
 
 @dataclass

@@ -14,6 +14,7 @@ import yaml
 
 from fedlearn.errors import ConfigError
 from fedlearn.protocol.local import TrainingKeys
+from fedlearn.protocol.messages import MAX_EXAMPLES_PER_CLIENT
 from fedlearn.server.influence import DEFAULT_FACTOR
 
 EVALUATIONS = ("centralized", "federated", "both")
@@ -130,7 +131,7 @@ class RunConfig(TrainingKeys):
     min_fit_fraction: float = 0.0
     round_timeout: float = 300.0
     update_bound: float = DEFAULT_FACTOR  # plain rounds scale each update to <= this x last round's median norm; 0: off
-    max_examples_per_client: int = 10_000_000  # the ceiling on the counts a client declares
+    max_examples_per_client: int = MAX_EXAMPLES_PER_CLIENT  # the ceiling on the counts a client declares
     rounds: int = 20
     partition: str = "dirichlet"
     alpha: float = 0.5

@@ -15,13 +15,12 @@ from dataclasses import replace
 
 from fedlearn.errors import InvalidUpdateError
 from fedlearn.metrics import COUNT_KEYS, ConfusionCounts, MarginHistogram
-from fedlearn.protocol.messages import EvalResult, EvalTask, TrainResult, TrainTask
+from fedlearn.protocol.messages import MAX_EXAMPLES_PER_CLIENT, EvalResult, EvalTask, TrainResult, TrainTask
 from fedlearn.strategies.base import check_arrays
 from fedlearn.tasks import SUM_PREFIX
 
 log = logging.getLogger(__name__)
 
-MAX_EXAMPLES_PER_CLIENT = 10_000_000  # the ceiling on any count a client declares (configurable per run)
 UNIT_METRICS = frozenset({"accuracy", "auc", "sensitivity", "specificity", "balanced_accuracy", "auc_max_error"})
 NON_NEGATIVE_METRICS = frozenset({"loss", "mse", "mae", "train_loss"})
 MAX_METRIC = 1e15  # no honest metric or sum comes near it (10**7 examples x a loss of 10**8); a larger one overflows

@@ -27,7 +27,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedlearn.errors import InvalidUpdateError
 from fedlearn.protocol.codec import FORMAT_VERSION, decode, encode_parts
-from fedlearn.protocol.messages import EvalResult, EvalTask, Message, SecureReply, SecureTask, TrainResult, TrainTask
+from fedlearn.protocol.messages import (
+    MAX_EXAMPLES_PER_CLIENT,
+    EvalResult,
+    EvalTask,
+    Message,
+    SecureReply,
+    SecureTask,
+    TrainResult,
+    TrainTask,
+)
 from fedlearn.protocol.params import ParamSpec
 from fedlearn.runtime.base import ClientFailure
 from fedlearn.runtime.grpc import fedlearn_pb2 as pb
@@ -41,7 +50,6 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "fedlearn.v1.FedLearn"
 HEADER_SLACK = 1 << 20  # bytes allowed beyond the raw tensor for a result's JSON header
-MAX_EXAMPLES_PER_CLIENT = 10_000_000  # the default ceiling on the counts a client declares at Join
 MAX_ID_CHARS = 256  # task and transfer ids are ours (about 60 characters); longer ones are malformed
 RESERVED_WORKERS = 32  # threads beyond the poll and stream limits, for Join, UploadStatus and refusals
 RUNNING, FINISHED, STOPPING = pb.RUN_STATE_RUNNING, pb.RUN_STATE_FINISHED, pb.RUN_STATE_STOPPING
