@@ -130,7 +130,7 @@ class RunConfig(TrainingKeys):
     min_clients: int = 1
     min_fit_fraction: float = 0.0
     round_timeout: float = 300.0
-    update_bound: float = DEFAULT_FACTOR  # plain rounds scale each update to <= this x last round's median norm; 0: off
+    update_bound: float = DEFAULT_FACTOR  # plain rounds hold each update to this x last round's median norm; 0: off
     max_examples_per_client: int = MAX_EXAMPLES_PER_CLIENT  # the ceiling on the counts a client declares
     rounds: int = 20
     partition: str = "dirichlet"
