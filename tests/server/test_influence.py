@@ -109,7 +109,7 @@ class Attacker:
 
 
 def _accuracy(update_bound: float, attacked: bool) -> float:
-    config = RunConfig(rounds=12, clients=10, partition="iid", update_bound=update_bound, seed=3, threads=1)
+    config = RunConfig(rounds=6, clients=10, partition="iid", update_bound=update_bound, seed=3, threads=1)
     experiment = build_experiment(config)
     if attacked:
         experiment.loop.runtime = Attacker(experiment.loop.runtime)
