@@ -418,3 +418,29 @@ def test_federated_evaluation_row_is_sample_weighted() -> None:
     assert row["fed_accuracy"] == pytest.approx(sum(r.accuracy * r.num_examples for r in results) / n, abs=1e-12)
     assert row["fed_loss"] == pytest.approx(sum(r.loss * r.num_examples for r in results) / n, abs=1e-12)
     assert row["test_accuracy"] == row["fed_accuracy"]
+
+
+def test_a_refused_evaluation_answer_is_recorded_in_the_row() -> None:
+    """A client whose evaluation the server refuses (here: more test examples than it holds) is named in the
+    row's fed_failed_clients and left out of the pooled figures, as a refused train result is."""
+    from dataclasses import replace as changed
+
+    from fedlearn.protocol.messages import EvalResult
+
+    class Inflating:
+        def __init__(self, inner) -> None:
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def deliver(self, tasks):
+            for answer in self.inner.deliver(tasks):
+                if isinstance(answer, EvalResult) and answer.client_id == "b":
+                    answer = changed(answer, num_examples=answer.num_examples * 1000)
+                yield answer
+
+    row = build(("a", "b", "c"), wrap=Inflating, federated_eval=True).run_round()
+    assert row["fed_failed_clients"] == ["b"]
+    honest = build(("a", "c"), federated_eval=True).run_round()
+    assert honest["fed_failed_clients"] == []

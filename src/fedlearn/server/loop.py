@@ -142,6 +142,7 @@ class RoundLoop:
         self.round = 0
         self.history: list[dict[str, Any]] = []
         self.round_losses: list[tuple[float, int]] = []
+        self.eval_failed: list[str] = []  # the last federated evaluation's clients that failed or were refused
         self._writer: threading.Thread | None = None
         self._writer_error: BaseException | None = None
         self._kept: deque[dict[str, int]] = deque(maxlen=KEEP)  # client-state indexes the kept checkpoints name
@@ -237,6 +238,7 @@ class RoundLoop:
         out: dict[str, Any] = {f"test_{k}": None for k in self.reported}
         if self.federated_eval:
             fed = self.evaluate_federated(rnd)
+            out["fed_failed_clients"] = self.eval_failed  # refused or silent at evaluation
             for key in self.reported:
                 out[f"fed_{key}"] = out[f"test_{key}"] = fed.get(key)
             out.update({f"fed_{k}": fed[k] for k in FEDERATED_KEYS if k in fed})
@@ -265,7 +267,7 @@ class RoundLoop:
             results.append(check_eval_result(answer, task, known=self.declared(answer.client_id, 1),
                                              ceiling=self.max_examples, binary=self.binary))
 
-        collect(self.runtime, tasks, accept, rnd, "evaluation")
+        self.eval_failed = collect(self.runtime, tasks, accept, rnd, "evaluation").failed
         return self.strategy.aggregate_evaluate(results)
 
     # ----- checkpoints --------------------------------------------------------------------------
