@@ -43,3 +43,13 @@ def private_fedlearn_home(tmp_path_factory):
         os.environ.pop("FEDLEARN_HOME", None)
     else:
         os.environ["FEDLEARN_HOME"] = previous
+
+
+@pytest.fixture
+def procs(tmp_path):
+    """fedlearn processes started by one test, killed by pid when it ends."""
+    from processes import Procs
+
+    started = Procs(tmp_path)
+    yield started
+    started.stop_all()

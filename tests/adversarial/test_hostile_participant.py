@@ -34,9 +34,7 @@ import contextlib
 import io
 import json
 import math
-import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -55,10 +53,10 @@ from fedlearn.runtime.grpc import fedlearn_pb2 as pb
 from fedlearn.runtime.grpc import fedlearn_pb2_grpc as pb_grpc
 from fedlearn.runtime.grpc.auth import CLIENT_ID_HEADER, FORMAT_HEADER
 from fedlearn.runtime.grpc.transfer import chunks, digest
+from processes import Procs, free_port, write_config
 
 pytestmark = pytest.mark.slow
 
-FEDLEARN = [sys.executable, "-m", "fedlearn.cli"]
 HONEST = ("client-0", "client-1", "client-2")
 ATTACKER = "client-3"
 ROUNDS = 9
@@ -68,51 +66,6 @@ CONFIG = dict(dataset="digits", model="mcmahan-2nn", partition="iid", clients=4,
 WAIT = 10.0  # seconds for one RPC
 RUN_LIMIT = 150.0  # seconds the attacker keeps playing before it gives up on the run
 SERVICE = "fedlearn.v1.FedLearn"
-
-
-# ----- processes (the minimal bits of tests/run/test_deploy.py) ---------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def write_config(path: Path, **values) -> Path:
-    path.write_text("".join(f"{k}: {v}\n" for k, v in values.items()))
-    return path
-
-
-class Procs:
-    """Starts fedlearn processes in ``folder`` with their logs in files, and kills whatever is left by pid."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def start(self, name: str, *args: str) -> subprocess.Popen:
-        with open(self.folder / f"{name}.log", "ab") as log:
-            proc = subprocess.Popen([*FEDLEARN, *args], stdout=log, stderr=subprocess.STDOUT, cwd=self.folder)
-        self.procs[name] = proc
-        return proc
-
-    def log(self, name: str) -> str:
-        path = self.folder / f"{name}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def wait(self, name: str, timeout: float) -> int | None:
-        """The process's exit code, or None if it is still running after ``timeout`` seconds."""
-        try:
-            return self.procs[name].wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def stop_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=30)
 
 
 def rows(run: Path) -> list[dict]:

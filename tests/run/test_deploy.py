@@ -6,71 +6,14 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from fedlearn.cli import main
-
-FEDLEARN = [sys.executable, "-m", "fedlearn.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def write_config(path: Path, **values) -> Path:
-    path.write_text("".join(f"{k}: {v}\n" for k, v in values.items()))
-    return path
-
-
-class Procs:
-    """Starts fedlearn processes (in ``folder``, where clients keep their state) with their logs in files, and
-    kills whatever is left at the end."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, name: str, *args: str) -> subprocess.Popen:
-        log = open(self.folder / f"{name}.log", "ab")
-        proc = subprocess.Popen([*FEDLEARN, *args], stdout=log, stderr=subprocess.STDOUT, cwd=self.folder)
-        log.close()
-        proc.name = name
-        self.procs.append(proc)
-        return proc
-
-    def log(self, name: str) -> str:
-        path = self.folder / f"{name}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=30)
-
-
-@pytest.fixture
-def procs(tmp_path):
-    p = Procs(tmp_path)
-    yield p
-    p.stop_all()
-
-
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+from processes import FEDLEARN, Procs, free_port, wait_for, write_config
 
 
 def rows(run: Path) -> list[dict]:

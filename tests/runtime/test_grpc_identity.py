@@ -14,12 +14,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import stat
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,10 +42,10 @@ from fedlearn.security import (
     issue,
     server_credentials,
 )
+from processes import free_port, wait_for
 
 SPEC = ParamSpec.from_module(nn.Linear(4, 3))
 WAIT = 10.0
-FEDLEARN = [sys.executable, "-m", "fedlearn.cli"]
 
 
 # ----- an in-process server and hand-played clients ---------------------------------------------------
@@ -241,55 +237,8 @@ def test_tokens_are_bound_to_one_client_and_the_allow_list_is_rechecked_on_every
 # ----- `fedlearn server` / `fedlearn client` processes --------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
-
-
-class Procs:
-    """fedlearn processes with their output in files (each with its own FEDLEARN_HOME); all killed at the end."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder, self.procs = folder, []
-
-    def start(self, name: str, *args: str, home: Path) -> subprocess.Popen:
-        with open(self.folder / f"{name}.log", "ab") as log:
-            proc = subprocess.Popen([*FEDLEARN, *args], stdout=log, stderr=subprocess.STDOUT, cwd=self.folder,
-                                    env={**os.environ, "FEDLEARN_HOME": str(home)})
-        proc.name = name
-        self.procs.append(proc)
-        return proc
-
-    def log(self, name: str) -> str:
-        path = self.folder / f"{name}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=30)
-
-
-@pytest.fixture
-def procs(tmp_path) -> Iterator[Procs]:
-    started = Procs(tmp_path)
-    yield started
-    started.stop_all()
-
-
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def raw_peer(port: int, claims: str, token: str | None = None) -> tuple[grpc.Channel, Peer]:
@@ -309,10 +258,10 @@ def test_loopback_demo_gets_per_run_tokens_and_refuses_a_local_impostor(tmp_path
     # waits for the server, then for client-0) and, run by someone who cannot read this user's ~/.fedlearn
     # (here: another FEDLEARN_HOME), a second `fedlearn client` claiming client-0.
     server = procs.start("server", "server", "--config", str(cfg), "--address", address, "--output", str(run),
-                         home=home)
+                         env={"FEDLEARN_HOME": str(home)})
     client_args = ["client", "--server", address, "--config", str(cfg), "--give-up-after", "60"]
-    impostor = procs.start("impostor", *client_args, "--partition-index", "0", home=elsewhere)
-    honest = [procs.start("client1", *client_args, "--partition-index", "1", home=home)]
+    impostor = procs.start("impostor", *client_args, "--partition-index", "0", env={"FEDLEARN_HOME": str(elsewhere)})
+    honest = [procs.start("client1", *client_args, "--partition-index", "1", env={"FEDLEARN_HOME": str(home)})]
     pointer = home / "loopback" / f"{port}.json"
     wait_for(lambda: pointer.exists() or server.poll() is not None, 120, "the server to publish its tokens")
     assert server.poll() is None, procs.log("server")
@@ -337,7 +286,7 @@ def test_loopback_demo_gets_per_run_tokens_and_refuses_a_local_impostor(tmp_path
         assert_refused(refused(borrowed.join), grpc.StatusCode.PERMISSION_DENIED, "belongs to 'client-1'")
     finally:
         channel.close()
-    honest.insert(0, procs.start("client0", *client_args, "--partition-index", "0", home=home))
+    honest.insert(0, procs.start("client0", *client_args, "--partition-index", "0", env={"FEDLEARN_HOME": str(home)}))
     assert impostor.wait(timeout=120) == 2, procs.log("impostor")
     errors = [ln for ln in procs.log("impostor").splitlines() if ln.startswith("fedlearn: error:")]
     assert len(errors) == 1 and "requires a client token" in errors[0], procs.log("impostor")
@@ -375,7 +324,7 @@ def test_allow_any_client_warns_loudly_and_accepts_a_claimed_id(tmp_path, procs)
     cfg.write_text("clients: 2\nrounds: 1\nmodel: mcmahan-2nn\n")
     home, port = tmp_path / "home", free_port()
     server = procs.start("server", "server", "--config", str(cfg), "--address", f"127.0.0.1:{port}", "--output",
-                         str(tmp_path / "run"), "--allow-any-client", home=home)
+                         str(tmp_path / "run"), "--allow-any-client", env={"FEDLEARN_HOME": str(home)})
     wait_for(lambda: "listening on" in procs.log("server") or server.poll() is not None, 120, "the server")
     assert server.poll() is None, procs.log("server")
     assert "NO CLIENT AUTHENTICATION (--allow-any-client)" in procs.log("server")
