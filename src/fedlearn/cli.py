@@ -28,7 +28,7 @@ RUN_FLAGS: dict[str, tuple[type, str]] = {
                           "keeps to itself: never sent, stored in its client state (FedPer-style) (default none: "
                           "all shared)"),
     "--mu": (float, "FedProx proximal coefficient"),
-    "--clients": (int, "number of clients"),
+    "--clients": (int, "number of clients (default 10; under --partition natural, one per writer of the dataset)"),
     "--fraction": (float, "fraction of clients sampled per round, in (0, 1]"),
     "--min-clients": (int, "fewest successful clients for a round to update the model"),
     "--rounds": (int, "federated rounds (with --resume: total rounds to reach)"),

@@ -154,6 +154,18 @@ def test_femnist_writers_are_the_clients(shared_dataset, tmp_path: Path) -> None
     assert all(p["num_test"] > 0 for p in partition)
 
 
+def test_natural_partition_without_clients_takes_every_writer(shared_dataset, tmp_path: Path, capsys) -> None:
+    data = ["--dataset", "femnist", "--data-dir", str(shared_dataset("femnist_leaf")), "--no-download"]
+    assert main(["run", "--dry-run", *data, "--partition", "natural"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["clients"] == 105  # every LEAF writer in the file
+    assert main(["run", "--dry-run", *data, "--partition", "natural", "--clients", "7"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["clients"] == 7  # a given count is kept (with a warning)
+    assert main(["run", "--dry-run", *data, "--partition", "iid"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["clients"] == 10  # the default elsewhere
+    assert main(["run", "--dry-run", "--partition", "natural"]) == 2  # digits has no writers
+    assert "natural owners such as femnist, and digits has none" in capsys.readouterr().err
+
+
 def test_run_help_shows_the_registry_flags_with_their_defaults(capsys) -> None:
     from fedlearn.registry import names
 

@@ -26,6 +26,7 @@ HE_MODES = ("none", "ckks")
 
 
 LOSSES = {"cross-entropy": "classification", "bce": "multilabel", "mse": "regression"}
+DEFAULT_CLIENTS = 10  # --clients when not given, except under --partition natural (one client per group)
 DEFAULT_CLIENT_TEST_FRACTION = 0.2  # with federated evaluation, when --client-test-fraction is not given
 MAX_CLIENTS = 1_000_000  # more than any simulation here holds in memory, or any deployment waits for
 MAX_THREADS = 1024
@@ -125,7 +126,7 @@ class RunConfig(TrainingKeys):
     model: str = "seed-cnn"
     algorithm: str = "fedavg"
     mu: float = 0.01
-    clients: int = 10
+    clients: int | None = None  # None: DEFAULT_CLIENTS, or one per writer under --partition natural (resolve_clients)
     fraction: float = 1.0
     min_clients: int = 1
     min_fit_fraction: float = 0.0
@@ -190,7 +191,7 @@ class RunConfig(TrainingKeys):
         for name, annotation in _field_types().items():
             check_value(name, getattr(self, name), annotation)
         for name, bound in bounds().items():
-            bound.check(name, getattr(self, name), integer=_field_types()[name] is int)
+            bound.check(name, getattr(self, name), integer=_field_types()[name] in (int, int | None))
         _one_of("dataset", self.dataset, DATASETS)
         _one_of("model", self.model, MODELS)
         settings = component_settings()
@@ -214,7 +215,7 @@ class RunConfig(TrainingKeys):
         _one_of("target_mode", self.target_mode, TARGET_MODES)
         self._validate_dp()
         self._validate_secure()
-        if self.min_clients > self.clients:
+        if self.clients is not None and self.min_clients > self.clients:
             raise ConfigError(f"--min-clients ({self.min_clients}) cannot exceed --clients ({self.clients})")
         if self.evaluation != "centralized" and self.client_test_fraction == 0:
             raise ConfigError("--evaluation federated needs client test data; set --client-test-fraction > 0")

@@ -18,7 +18,7 @@ from fedlearn.data import DatasetBundle, load_dataset
 from fedlearn.errors import ConfigError
 from fedlearn.protocol.params import ParamSpec
 from fedlearn.run.config import RunConfig
-from fedlearn.run.experiment import build_clients, client_app, initial_model
+from fedlearn.run.experiment import build_clients, client_app, initial_model, resolve_clients
 from fedlearn.run.runner import finish_run, prepare_run
 from fedlearn.server.loop import RoundCallback
 
@@ -229,6 +229,7 @@ def client_data_for(config: RunConfig, bundle: DatasetBundle, partition_index: i
         if not client_id:
             raise ConfigError("give --client-id (or --partition-index to take one share of a partitioned dataset)")
         return client_id, ClientData(bundle.train, bundle.test)
+    config = resolve_clients(config, bundle)
     if not 0 <= partition_index < config.clients:
         raise ConfigError(f"--partition-index must be in 0..{config.clients - 1} for --num-partitions "
                           f"{config.clients}; got {partition_index}")
@@ -275,6 +276,7 @@ def run_client(
         _probe_until_reachable(server, tls, give_up_after)
     torch.set_num_threads(config.threads)
     bundle = load_dataset(config.dataset, config.data_dir, download=config.download)
+    config = resolve_clients(config, bundle).validate()
     if config.seeded_privacy:
         raise ConfigError("seeded_privacy makes privacy noise predictable and is for simulations only; remove it "
                           "from this client's config")

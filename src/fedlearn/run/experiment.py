@@ -19,13 +19,14 @@ from fedlearn.client.secure import SecureClients
 from fedlearn.client.state import ClientStateStore
 from fedlearn.client.trainer import LocalTrainer
 from fedlearn.data import DatasetBundle, label_counts, load_dataset, partition_indices, split_train_test
+from fedlearn.data.partition import natural_group_count
 from fedlearn.data.datasets import partition_labels
 from fedlearn.errors import ConfigError
 from fedlearn.models import build_model
 from fedlearn.protocol.local import LocalConfig, TrainingKeys
 from fedlearn.protocol.params import ModelVector, ParamSpec
 from fedlearn.registry import lookup
-from fedlearn.run.config import RunConfig
+from fedlearn.run.config import DEFAULT_CLIENTS, RunConfig
 from fedlearn.runtime.base import Runtime
 from fedlearn.runtime.inprocess import InProcessRuntime
 from fedlearn.seeding import derive_seed
@@ -110,6 +111,22 @@ def local_config(config: RunConfig) -> LocalConfig:
 
 
 RuntimeFactory = Callable[[RunConfig, ParamSpec], Runtime]
+
+
+def resolve_clients(config: RunConfig, bundle: DatasetBundle | None = None) -> RunConfig:
+    """``--clients`` when given; without it DEFAULT_CLIENTS, or under ``--partition natural`` one client per group
+    (writer) of the dataset, which is loaded for the count when ``bundle`` is None."""
+    if config.clients is not None:
+        return config
+    if config.partition != "natural":
+        return config.updated({"clients": DEFAULT_CLIENTS})
+    if bundle is None:
+        bundle = load_dataset(config.dataset, config.data_dir, download=config.download)
+    count = natural_group_count(bundle.train_groups)
+    if count is None:
+        raise ConfigError(f"partition 'natural' needs a dataset with natural owners such as femnist, and "
+                          f"{config.dataset} has none; choose another partition")
+    return config.updated({"clients": count})
 
 
 def resolve_privacy(config: RunConfig) -> RunConfig:
@@ -230,6 +247,7 @@ def build_experiment(
     config.validate()
     torch.set_num_threads(config.threads)
     bundle = load_dataset(config.dataset, config.data_dir, download=config.download)
+    config = resolve_clients(config, bundle).validate()
     model = initial_model(config, bundle)
     task = config.task_name or bundle.task
     server_model = copy.deepcopy(model)

@@ -10,7 +10,7 @@ from typing import Any
 from fedlearn.errors import ConfigError
 from fedlearn.metrics import BINARY_KEYS
 from fedlearn.run.config import RunConfig
-from fedlearn.run.experiment import Experiment, RuntimeFactory, build_experiment, resolve_privacy
+from fedlearn.run.experiment import Experiment, RuntimeFactory, build_experiment, resolve_clients, resolve_privacy
 from fedlearn.run.rundir import RunDir, check_output, default_run_dir
 from fedlearn.server.loop import RoundCallback
 
@@ -76,8 +76,9 @@ def check_run(config: RunConfig | None = None, *, resume: str | os.PathLike | No
 
 def resolve_new_run(config: RunConfig) -> RunConfig:
     """A new run's config as its config.yaml records it: validated, with the values DP derives and the client test
-    share filled in (so a resumed run, or a later release with other defaults, reads back exactly what ran)."""
-    config = resolve_privacy(config.validate())
+    share filled in (so a resumed run, or a later release with other defaults, reads back exactly what ran).
+    A natural partition without ``--clients`` loads the dataset here to count its groups."""
+    config = resolve_privacy(resolve_clients(config.validate()).validate())
     return config.updated({"client_test_fraction": config.effective_client_test_fraction}).validate()
 
 
