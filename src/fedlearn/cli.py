@@ -52,7 +52,8 @@ RUN_FLAGS: dict[str, tuple[type, str]] = {
              "clip and noise their own updates (untrusted server); dpsgd: sample-level DP-SGD in local training"),
     "--noise-multiplier": (float, "Gaussian noise std as a multiple of --clip-norm"),
     "--clip-norm": (float, "L2 bound on each client's update"),
-    "--delta": (float, "DP delta (default 1 / clients^1.1)"),
+    "--delta": (float, "DP delta (default min(1e-5, 1 / n^1.1) for n clients, or n training examples under "
+                       "dpsgd)"),
     "--target-epsilon": (float, "privacy budget: calibrate the noise to it, or stop before exceeding it "
                          "(default none: no budget)"),
     "--target-mode": (str, "calibrate (choose --noise-multiplier for --rounds) or stop (end the run at the budget)"),
@@ -62,15 +63,16 @@ RUN_FLAGS: dict[str, tuple[type, str]] = {
     "--secure-aggregation": (str, "none, secagg (Bonawitz et al. 2017) or secagg+ (Bell et al. 2020): the server "
                              "sees only the sum of the clients' updates"),
     "--secagg-threshold": (float, "clients needed to unmask: a fraction of the sampled ones (default 0.67) or a count"),
-    "--secagg-bits": (int, "bit width of the secure sum, Z_2^bits (default 32)"),
-    "--secagg-clip": (float, "each update coordinate is clipped to [-clip, clip] before fixed-point encoding "
-                      "(default: --clip-norm with --dp, else 1.0)"),
+    "--secagg-bits": (int, "bit width of the secure sum, Z_2^bits (default 32; at most 30 with --he ckks)"),
+    "--secagg-clip": (float, "each update coordinate is clipped to [-clip, clip] before fixed-point encoding, "
+                      "for SecAgg and --he alike (default: --clip-norm with --dp, else 1.0)"),
     "--secagg-neighbours": (int, "secagg+: neighbours per client (default about 2 log2 n)"),
-    "--secagg-max-weight": (int, "largest client sample count (the weight bound; default: largest simulated client)"),
-    "--he": (str, "none or ckks: clients encrypt their weighted update with CKKS (TenSEAL); the server adds "
-             "ciphertexts it cannot decrypt"),
-    "--he-keys": (str, "folder from `fedlearn he keygen`: public.ctx (everyone), secret.ctx (key holder only) "
-                  "(default none)"),
+    "--secagg-max-weight": (int, "largest client sample count (the weight bound of SecAgg and --he; default: "
+                                 "largest simulated client; needed by `fedlearn server`)"),
+    "--he": (str, "none or ckks: clients encrypt their fixed-point weighted update with CKKS (TenSEAL); the "
+             "server adds ciphertexts it cannot decrypt"),
+    "--he-keys": (str, "folder from `fedlearn he keygen`, new for every run: public.ctx (everyone), group.key "
+                  "(clients only), secret.ctx (key holder only) (default none)"),
     "--he-key-holder": (str, "client id that holds secret.ctx and decrypts the sum (default: the first answering "
                         "client, for simulations)"),
     "--seed": (int, "seed for every random choice"),
@@ -468,8 +470,8 @@ def cmd_he(args: argparse.Namespace) -> int:
     params = CKKSParams(args.poly_modulus_degree, tuple(args.coeff_mod_bit_sizes), args.scale_bits)
     files = generate_keys(args.dir, params, force=args.force)
     check = precision_check(params, num_summands=10, length=params.slots)
-    print(f"wrote {files.public_context} (give to the server and every client), {files.secret_context} "
-          f"(the key holder only; never the server), {files.info}")
+    print(f"wrote {files.public_context} (give to the server and every client), {files.group_key} (every client; "
+          f"never the server), {files.secret_context} (the key holder only; never the server), {files.info}")
     print(f"public context fingerprint {files.fingerprint}; precision check: max error "
           f"{check['max_abs_error']:.2e} over a sum of 10 (bound {check['bound']:.2e})")
     return 0

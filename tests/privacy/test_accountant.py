@@ -11,6 +11,7 @@ from dp_accounting import pld, rdp
 
 from fedlearn.errors import CheckpointError, ConfigError
 from fedlearn.privacy import PrivacyAccountant, calibrate_noise_multiplier, default_delta, effective_noise_multiplier
+from fedlearn.privacy.accountant import delta_warning
 
 REPLACE_ONE = dp_accounting.NeighboringRelation.REPLACE_ONE
 
@@ -194,11 +195,13 @@ def test_bad_settings_name_their_flag(kwargs, flag):
     assert "\n" not in str(raised.value)
 
 
-def test_default_delta():
-    assert default_delta(100) == pytest.approx(100**-1.1)
-    assert default_delta(1000) < 1 / 1000
+def test_default_delta_is_at_most_1e5_and_well_below_one_over_n():
+    assert default_delta(1) == default_delta(3) == default_delta(10) == 1e-5  # the 3-hospital scenario: not 0.30
+    assert default_delta(60_000) == pytest.approx(60_000**-1.1) and 60_000**-1.1 < 1e-5  # DP-SGD on MNIST
     with pytest.raises(ConfigError, match="--delta"):
-        default_delta(1)
+        default_delta(0)
+    assert delta_warning(1e-5, 10, "clients") is None
+    assert "--delta 0.1 is at least 1/10 for 10 clients" in delta_warning(0.1, 10, "clients")
 
 
 def test_dp_event_and_summary():

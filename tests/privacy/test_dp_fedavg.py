@@ -136,7 +136,7 @@ def test_run_reports_epsilon_every_round_from_the_accountant(tmp_path: Path) -> 
     assert main(["run", *FAST, "--dp", "central", "--fraction", "0.5", "--noise-multiplier", "1.1", "--clip-norm",
                  "0.5", "--rounds", "4", "--output", str(out)]) == 0
     rows = _rows(out)
-    delta = 1 / 20 ** 1.1
+    delta = 1e-5
     reference = PrivacyAccountant(noise_multiplier=1.1, sampling_rate=0.5, delta=delta, kind="rdp")
     assert [r["epsilon"] for r in rows] == pytest.approx([reference.epsilon_after(k) for k in range(1, 5)], abs=1e-9)
     assert rows[0]["epsilon"] < rows[-1]["epsilon"]
@@ -157,13 +157,21 @@ def test_target_epsilon_calibrates_the_noise(tmp_path: Path) -> None:
 
 def test_target_epsilon_can_stop_the_run_before_the_budget(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    assert main(["run", *FAST, "--dp", "central", "--fraction", "0.5", "--noise-multiplier", "0.8",
+    assert main(["run", *FAST, "--dp", "central", "--fraction", "0.5", "--noise-multiplier", "2.0",
                  "--target-epsilon", "3", "--target-mode", "stop", "--rounds", "50", "--output", str(out)]) == 0
     rows = _rows(out)
     assert 0 < len(rows) < 50
     assert rows[-1]["epsilon"] <= 3.0
-    nxt = PrivacyAccountant(noise_multiplier=0.8, sampling_rate=0.5, delta=1 / 20 ** 1.1).epsilon_after(len(rows) + 1)
+    nxt = PrivacyAccountant(noise_multiplier=2.0, sampling_rate=0.5, delta=1e-5).epsilon_after(len(rows) + 1)
     assert nxt > 3.0  # one more round would have exceeded the budget
+
+
+def test_a_budget_below_one_round_is_refused_instead_of_running_no_round(tmp_path: Path, capsys) -> None:
+    assert main(["run", *FAST, "--dp", "central", "--fraction", "0.5", "--noise-multiplier", "0.8",
+                 "--target-epsilon", "3", "--target-mode", "stop", "--output", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "below one round's epsilon (5.24" in err and "raise --noise-multiplier" in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_dp_refuses_a_strategy_that_breaks_the_guarantee(tmp_path: Path, capsys) -> None:
@@ -198,7 +206,7 @@ def test_adaptive_clipping_in_a_run_is_accounted(tmp_path: Path) -> None:
     rows = _rows(out)
     norms = [r["clip_norm"] for r in rows]
     assert norms[0] == 20 and norms[-1] < norms[0] * 0.6  # far above every update norm, C comes down
-    reference = PrivacyAccountant(noise_multiplier=0.05, sampling_rate=0.5, delta=1 / 20 ** 1.1,
+    reference = PrivacyAccountant(noise_multiplier=0.05, sampling_rate=0.5, delta=1e-5,
                                   clipped_count_stddev=0.5 * 20 / 20)
     assert rows[-1]["epsilon"] == pytest.approx(reference.epsilon_after(10), rel=1e-9)
 
@@ -290,7 +298,8 @@ def test_dpsgd_run_accounts_each_clients_steps(tmp_path: Path) -> None:
                  "--batch-size", "16", "--clients", "4", "--output", str(out)]) == 0
     rows = _rows(out)
     partition = json.loads((out / "partition.json").read_text())
-    worst = max(PrivacyAccountant(noise_multiplier=1.0, sampling_rate=16 / p["num_train"], delta=1 / 4 ** 1.1)
+    delta = min(1e-5, 1 / 1437 ** 1.1)  # DP-SGD protects examples: the 1,437 digits of the training split
+    worst = max(PrivacyAccountant(noise_multiplier=1.0, sampling_rate=16 / p["num_train"], delta=delta)
                 .epsilon_after(2 * round(p["num_train"] / 16)) for p in partition)
     assert rows[-1]["epsilon"] == pytest.approx(worst, rel=1e-9)
     assert rows[-1]["test_accuracy"] > 0.3  # noisy, but it learns
@@ -362,7 +371,7 @@ def test_dp_central_composes_with_other_algorithms(tmp_path: Path, algorithm: st
     else:
         assert isinstance(strategy.inner, FedProx) and strategy.hooks() == {"prox": {"mu": 0.1}}
     summary = run(config)
-    reference = PrivacyAccountant(noise_multiplier=1.1, sampling_rate=0.5, delta=1 / 20 ** 1.1)
+    reference = PrivacyAccountant(noise_multiplier=1.1, sampling_rate=0.5, delta=1e-5)
     rows = _rows(tmp_path / "run")
     assert [r["epsilon"] for r in rows] == pytest.approx([reference.epsilon_after(1), reference.epsilon_after(2)],
                                                          rel=1e-12)
@@ -372,7 +381,7 @@ def test_dp_central_composes_with_other_algorithms(tmp_path: Path, algorithm: st
     local = LocalConfig(local_epochs=1, batch_size=8, lr=0.1)
     direct = CentralDP(build_strategy(algorithm, local, sampler=Sampler(0.5), **values), clip_norm=0.5,
                        noise_multiplier=1.1,
-                       delta=1 / 20 ** 1.1, noise_seed=0)
+                       delta=1e-5, noise_seed=0)
     loop = _loop(direct)
     history = loop.run(2)
     assert [r["epsilon"] for r in history] == pytest.approx([reference.epsilon_after(1), reference.epsilon_after(2)],

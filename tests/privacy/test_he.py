@@ -60,13 +60,16 @@ def test_keygen_writes_a_public_and_a_0600_secret_context_and_their_fingerprint(
 
 def test_keygen_refuses_to_overwrite_unless_forced(tmp_path: Path) -> None:
     first = generate_keys(tmp_path)
-    with pytest.raises(ConfigError, match=r"already holds public\.ctx, secret\.ctx, he\.json; .*--force"):
+    group_key = first.group_key.read_bytes()
+    with pytest.raises(ConfigError, match=r"already holds public\.ctx, secret\.ctx, he\.json, group\.key; .*--force"):
         generate_keys(tmp_path)
     assert hashlib.sha256(first.public_context.read_bytes()).hexdigest() == first.fingerprint  # untouched
     second = generate_keys(tmp_path, force=True)
     assert second.fingerprint != first.fingerprint
+    assert len(group_key) == 32 and second.group_key.read_bytes() != group_key  # a new group key with new keys
     assert stat.S_IMODE(second.secret_context.stat().st_mode) == 0o600
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["he.json", "public.ctx", "secret.ctx"]  # no temp files left
+    assert stat.S_IMODE(second.group_key.stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["group.key", "he.json", "public.ctx", "secret.ctx"]
 
 
 def test_the_server_side_holds_no_secret_key_and_cannot_decrypt(keys: HEKeyFiles) -> None:

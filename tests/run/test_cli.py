@@ -37,7 +37,7 @@ def test_default_run_reaches_090(default_run: Path) -> None:
 def test_run_directory_contents(default_run: Path) -> None:
     config = yaml.safe_load((default_run / "config.yaml").read_text())
     # fully resolved, every key: centralized evaluation records the client test share it used, none
-    assert config == RunConfig(output=str(default_run), client_test_fraction=0.0).to_dict()
+    assert config == RunConfig(output=str(default_run), client_test_fraction=0.0, clients=10).to_dict()
 
     partition = json.loads((default_run / "partition.json").read_text())
     assert len(partition) == 10

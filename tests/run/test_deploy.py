@@ -248,9 +248,14 @@ def test_ckks_over_grpc_server_has_only_the_public_context(tmp_path, procs) -> N
     server_keys = tmp_path / "server_keys"  # what the coordinator is given: public.ctx, nothing else
     server_keys.mkdir()
     (server_keys / "public.ctx").write_bytes((keys / "public.ctx").read_bytes())
-    base = {"clients": 3, "rounds": 2, "round_timeout": 60, "he": "ckks", "he_key_holder": "client-0"}
+    base = {"clients": 3, "rounds": 2, "round_timeout": 60, "he": "ckks", "he_key_holder": "client-0",
+            "secagg_max_weight": 1000}
     server_cfg = write_config(tmp_path / "server.yaml", **base, he_keys=str(server_keys))
     client_cfg = write_config(tmp_path / "client.yaml", **base, he_keys=str(keys))
+    refused = subprocess.run([*FEDLEARN, "server", "--config", str(client_cfg),
+                              "--address", "127.0.0.1:0", "--insecure", "--allow-any-client"],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "only clients may hold" in refused.stderr  # the server must not hold secrets
     grpc_rows = run_federation(procs, tmp_path, server_cfg, client_cfg, 3)
     plain_cfg = write_config(tmp_path / "plain.yaml", clients=3, rounds=2)
     assert main(["run", "--quiet", "--config", str(plain_cfg), "--output", str(tmp_path / "sim")]) == 0
@@ -269,7 +274,7 @@ def test_central_dp_budget_stop_over_grpc_ends_at_the_simulations_round(tmp_path
     where `fedlearn run` stops (the accountant depends only on q, z, delta and rounds), and its clients exit."""
     cfg = write_config(tmp_path / "run.yaml", clients=4, fraction=0.5, local_epochs=1, round_timeout=60)
     # a small clip norm keeps the noised model finite, so every sampled client's answer is accepted
-    dp = ["--dp", "central", "--noise-multiplier", "0.8", "--clip-norm", "0.05", "--target-epsilon", "3",
+    dp = ["--dp", "central", "--noise-multiplier", "2.0", "--clip-norm", "0.05", "--target-epsilon", "3",
           "--target-mode", "stop", "--rounds", "40"]
     grpc_rows = run_federation(procs, tmp_path, cfg, cfg, 4, *dp)
     assert all(r["clients_succeeded"] == r["clients_sampled"] and r["aggregated"] for r in grpc_rows), grpc_rows

@@ -171,7 +171,7 @@ def he_loop(strategy, keys, key_holder=None, drop=None, runtime: type[Flaky] = F
     app = ClientApp(trainer, clients, secure=SecureClients(keys))
     spec = trainer.vector.spec
     return RoundLoop(strategy, runtime(app, drop or {}), spec, trainer.vector.read(),
-                     sums=HomomorphicRound(str(keys / "public.ctx"), key_holder))
+                     sums=HomomorphicRound(str(keys / "public.ctx"), key_holder, clip=1.0, max_weight=40))
 
 
 def test_ckks_fedavg_equals_plain_fedavg_within_ckks_error(he_keys):
@@ -196,7 +196,8 @@ def test_ckks_server_holds_no_secret_key(he_keys):
 def test_ckks_round_without_a_key_holder_keeps_the_weights(he_keys, tmp_path, caplog):
     public_only = tmp_path / "keys"
     public_only.mkdir()
-    (public_only / "public.ctx").write_bytes((he_keys / "public.ctx").read_bytes())
+    for name in ("public.ctx", "group.key"):
+        (public_only / name).write_bytes((he_keys / name).read_bytes())
     secure = he_loop(fedavg(), he_keys)
     secure.runtime.app.secure = SecureClients(public_only)  # clients can encrypt, nobody can decrypt
     before = secure.weights.clone()
@@ -284,8 +285,9 @@ def test_an_eavesdropper_on_a_ckks_round_sees_only_ciphertexts(he_keys):
     box = secure.runtime
     for result in _hidden_sum_inputs_only(box, "ciphertext", {"he", "chunk_sizes"}, torch.uint8, None):
         assert sum(result.sealed["chunk_sizes"]) == result.arrays["ciphertext"].numel()  # ciphertext bytes only
-    # the only other client message is the key holder's decryption of the sum, never of one update
+    # the only other client message is the key holder's decryption of the sum, never of one update: exact integers
     (reply,) = [m for m in box.received if isinstance(m, SecureReply)]
     assert reply.stage == "he-decrypt" and reply.blob.numel() == secure.spec.numel + 1
+    assert reply.blob.dtype == torch.int64 and reply.blob[-1] == sum(10 + 3 * i for i in range(len(NAMES)))
     for cid, needle in _plain_updates().items():
         assert not any(needle in data for data in box.up), f"{cid}'s update crossed in the clear"

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from fedlearn.errors import InvalidUpdateError
+from fedlearn.privacy import sum_check
 from fedlearn.privacy.secagg.client import SecAggClient, SecAggProtocolError
 from fedlearn.privacy.secagg.encoding import FixedPoint
 from fedlearn.protocol.codec import join_blob, split_blob
@@ -25,8 +26,9 @@ from fedlearn.protocol.messages import SecureReply, SecureTask, TrainResult, Tra
 class SecureClients:
     """Per-client, per-round protocol state; a client's secrets live here for one round only.
 
-    ``he_keys`` is the folder from `fedlearn he keygen`: public.ctx to encrypt, and secret.ctx
-    only on the key holder, which decrypts the server's encrypted sum (never a single update).
+    ``he_keys`` is the folder from `fedlearn he keygen`: public.ctx to encrypt, group.key for the sum's check
+    values, and secret.ctx only on the key holder, which decrypts nothing but a verified sum of at least two
+    clients and returns it as exact integers (``sum_check``).
     """
 
     def __init__(self, he_keys: str | os.PathLike | None = None) -> None:
@@ -34,6 +36,8 @@ class SecureClients:
         self.he_keys = Path(he_keys) if he_keys else None
         self._public_context = None
         self._secret_context = None
+        self._group_key: bytes | None = None
+        self._burned = False
 
     def handle(self, task: SecureTask) -> SecureReply:
         """Answer one protocol step; a step out of order or against the protocol raises SecAggProtocolError."""
@@ -64,31 +68,65 @@ class SecureClients:
                                       "holding the files from `fedlearn he keygen`")
         return self.he_keys / name
 
-    def _encrypt(self, task: TrainTask, result: TrainResult) -> TrainResult:
+    def _encrypt(self, task: TrainTask, result: TrainResult, rounding: np.random.Generator) -> TrainResult:
+        """The client's fixed-point contribution and its check values, encrypted with the public key."""
         from fedlearn.privacy import he
 
         if self._public_context is None:
             self._public_context = he.load_public_context(self._he_file("public.ctx"))
         request = task.config["he"]
+        fixed_point = FixedPoint.from_dict(request["fixed_point"])
         weight, extras = summed_weight_and_bits(request, result)
-        vector = np.concatenate([joined_arrays(request, result) * weight, [float(weight)], extras])
+        encoded = fixed_point.encode(joined_arrays(request, result), weight, extras, rounding)
+        checks = sum_check.check_values(self._key(), task.round, task.client_id)
+        vector = np.concatenate([encoded.astype(np.float64), checks.astype(np.float64)])
         blob, sizes = join_blob(he.encrypt_vector(self._public_context, vector))
+        # The sample count, loss and clip bit travel only inside the ciphertext.
         return replace(result, num_examples=0, arrays={"ciphertext": blob}, metrics={},
                        sealed={"he": True, "chunk_sizes": sizes})
 
+    def _key(self) -> bytes:
+        if self._group_key is None:
+            self._group_key = sum_check.load_group_key(self._he_file(sum_check.GROUP_KEY_FILE).parent)
+        return self._group_key
+
     def _decrypt_sum(self, task: SecureTask) -> torch.Tensor:
+        """The key holder's answer: the exact integer sum, after checking it is the round's sum of the named clients.
+
+        Any failed check burns these keys for this key holder (it decrypts nothing more) and refuses the task.
+        """
         from fedlearn.privacy import he
 
+        burned = self._he_file("public.ctx").parent / sum_check.BURNED_FILE
+        if self._burned or burned.exists():
+            raise SecAggProtocolError(f"homomorphic encryption: these keys are burned ({burned}: an earlier request "
+                                      "was not an honest sum); generate new keys with `fedlearn he keygen`")
         if self._secret_context is None:  # only the key holder ever gets here
             self._secret_context = he.load_secret_context(self._he_file("secret.ctx"))
-        secret = self._secret_context
-        chunks = split_blob(task.blob, task.data["chunk_sizes"])
-        return torch.from_numpy(he.decrypt_vector(secret, chunks, int(task.data["length"])))
+        try:
+            fixed_point = FixedPoint.from_dict(task.data["fixed_point"])
+            length = fixed_point.length + fixed_point.extras
+            if task.data.get("length") != length + sum_check.CHECK_SLOTS:
+                raise sum_check.SumCheckError("the decryption request's length does not match its fixed point")
+            chunks = split_blob(task.blob, task.data["chunk_sizes"])
+            values = he.decrypt_vector(self._secret_context, chunks, length + sum_check.CHECK_SLOTS)
+            total = sum_check.verified_sum(values, self._key(), task.round, task.data.get("contributors"),
+                                           fixed_point.modulus - 1)
+        except (sum_check.SumCheckError, KeyError, TypeError, ValueError, InvalidUpdateError) as exc:
+            reason = f"round {task.round}: {exc}"
+            self._burned = True
+            try:
+                burned.write_text(reason + "\n")
+            except OSError:  # a read-only key folder: this process still refuses from now on
+                pass
+            raise SecAggProtocolError(f"homomorphic encryption: refused to decrypt ({reason}); these keys decrypt "
+                                      "nothing more: generate new keys with `fedlearn he keygen`") from None
+        return torch.from_numpy(total)
 
     def seal(self, task: TrainTask, result: TrainResult, rounding: np.random.Generator) -> TrainResult:
         """The payload that leaves the client: masked or encrypted when the task asks for it, else unchanged."""
         if "he" in task.config:
-            return self._encrypt(task, result)
+            return self._encrypt(task, result, rounding)
         request = task.config.get("secagg")
         if request is None:
             return result

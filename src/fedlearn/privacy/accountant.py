@@ -37,6 +37,14 @@ from fedlearn.errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
 
+
+def _skip_excluded_orders(record: logging.LogRecord) -> bool:
+    """dp-accounting logs each RDP order it cannot evaluate and then leaves out: noise, not a problem, for users."""
+    return "failed to converge" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_skip_excluded_orders)
+
 ACCOUNTANTS = ("rdp", "pld")
 SAMPLINGS = ("poisson", "fixed")
 RDP_ORDERS: tuple[float, ...] = tuple(float(order) for order in DEFAULT_RDP_ORDERS)
@@ -54,11 +62,25 @@ _FLAGS = {
 }
 
 
+MAX_DEFAULT_DELTA = 1e-5  # the default delta never exceeds this, however few the protected units
+
+
 def default_delta(n: int) -> float:
-    """The default delta for ``n`` clients: 1 / n**1.1, a little below 1/n."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-        raise ConfigError(f"--delta default needs at least 2 clients (1 / n**1.1); got {n} clients")
-    return 1.0 / n**1.1
+    """The default delta for ``n`` protected units (clients, or examples under DP-SGD): min(1e-5, 1 / n**1.1).
+
+    Well below 1/n, where a mechanism that publishes one unit's data outright with probability delta still passes.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"--delta default needs at least 1 protected unit; got {n}")
+    return min(MAX_DEFAULT_DELTA, 1.0 / n**1.1)
+
+
+def delta_warning(delta: float, n: int, unit: str) -> str | None:
+    """A warning when ``delta`` is at least 1/n for ``n`` protected units, else None."""
+    if n >= 1 and delta >= 1.0 / n:
+        return (f"--delta {delta:g} is at least 1/{n} for {n} {unit}: a mechanism that publishes one of them in full "
+                f"with probability delta meets it; use --delta below {min(MAX_DEFAULT_DELTA, 1.0 / n**1.1):.3g}")
+    return None
 
 
 def effective_noise_multiplier(noise_multiplier: float, clipped_count_stddev: float | None = None) -> float:

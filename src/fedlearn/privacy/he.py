@@ -7,6 +7,12 @@ Roles and files (written by ``generate_keys``, i.e. ``fedlearn he keygen``):
 - ``secret.ctx``: the same plus the secret key, mode 0600, for the key holder only (``load_secret_context``).
 - ``he.json``: the parameters and the SHA-256 fingerprint of ``public.ctx``, so parties can check they hold the same
   keys.
+- ``group.key``: 32 random bytes, mode 0600, for every client and never the server: the key of the check values
+  (``sum_check``) by which the key holder verifies that what it decrypts is the round's sum.
+
+The key holder returns only exact integer sums that passed those checks (``sum_check.verified_sum``), never a raw
+CKKS decryption: raw decryptions carry the error term from which a server recovers the secret key (Li and
+Micciancio, EUROCRYPT 2021).
 
 An update is a flat float vector; ``encrypt_vector`` packs it into ciphertexts of ``poly_modulus_degree / 2`` slots
 each (batched CKKS) and returns each ciphertext serialized. Only additions happen, so no relinearization or Galois
@@ -28,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedlearn.errors import ConfigError, FedLearnError, InvalidUpdateError
+from fedlearn.privacy.sum_check import GROUP_KEY_FILE, new_group_key
 
 if TYPE_CHECKING:
     import tenseal as ts
@@ -90,18 +97,21 @@ class HEKeyFiles:
     secret_context: Path
     info: Path
     fingerprint: str
+    group_key: Path
 
 
 def generate_keys(directory: str | os.PathLike[str], params: CKKSParams | None = None, *,
                   force: bool = False) -> HEKeyFiles:
-    """Generate a CKKS key pair into ``directory``: public.ctx (server, clients), secret.ctx (key holder), he.json.
+    """Generate a CKKS key pair into ``directory``: public.ctx (server, clients), secret.ctx (key holder), he.json,
+    and group.key (clients only). Use new keys for every run.
 
     No relinearization or Galois keys are saved: the aggregation only adds. Existing files are kept unless ``force``.
     """
     ts = _tenseal()
     params = params or CKKSParams()
     folder = Path(directory)
-    paths = [folder / PUBLIC_CONTEXT_FILE, folder / SECRET_CONTEXT_FILE, folder / KEY_INFO_FILE]
+    paths = [folder / PUBLIC_CONTEXT_FILE, folder / SECRET_CONTEXT_FILE, folder / KEY_INFO_FILE,
+             folder / GROUP_KEY_FILE]
     existing = [p.name for p in paths if p.exists()]
     if existing and not force:
         raise ConfigError(f"{folder} already holds {', '.join(existing)}; choose another directory or pass --force "
@@ -122,9 +132,10 @@ def generate_keys(directory: str | os.PathLike[str], params: CKKSParams | None =
             "tenseal_version": ts.__version__}
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     _write_atomically(paths[1], secret, 0o600)
+    _write_atomically(paths[3], new_group_key(), 0o600)
     _write_atomically(paths[0], public, 0o644)
     _write_atomically(paths[2], (json.dumps(info, indent=2) + "\n").encode(), 0o644)
-    return HEKeyFiles(paths[0], paths[1], paths[2], fingerprint)
+    return HEKeyFiles(paths[0], paths[1], paths[2], fingerprint, paths[3])
 
 
 def load_key_info(path: str | os.PathLike[str]) -> tuple[CKKSParams, str]:

@@ -95,6 +95,11 @@ def serve(
     )
 
     tls = tls or TLSFiles()
+    if config is not None and config.he != "none" and config.he_keys:
+        held = [name for name in ("secret.ctx", "group.key") if (Path(config.he_keys) / name).exists()]
+        if held:
+            raise ConfigError(f"the server's --he-keys folder {config.he_keys} holds {' and '.join(held)}, which only "
+                              "clients may hold: give the server a folder with public.ctx alone")
     if (tls.cert is None) != (tls.key is None):
         raise ConfigError("give both --cert and --key for TLS, or neither")
     if tls.ca and not tls.cert:

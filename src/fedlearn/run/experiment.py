@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
@@ -19,8 +20,8 @@ from fedlearn.client.secure import SecureClients
 from fedlearn.client.state import ClientStateStore
 from fedlearn.client.trainer import LocalTrainer
 from fedlearn.data import DatasetBundle, label_counts, load_dataset, partition_indices, split_train_test
-from fedlearn.data.partition import natural_group_count
 from fedlearn.data.datasets import partition_labels
+from fedlearn.data.partition import natural_group_count
 from fedlearn.errors import ConfigError
 from fedlearn.models import build_model
 from fedlearn.protocol.local import LocalConfig, TrainingKeys
@@ -33,7 +34,7 @@ from fedlearn.seeding import derive_seed
 from fedlearn.server.evaluation import CentralEvaluator
 from fedlearn.server.influence import InfluenceBound
 from fedlearn.server.loop import RoundCallback, RoundLoop
-from fedlearn.server.secure import HomomorphicRound, SecAggSettings, SecureAggregationRound, require_sum_only
+from fedlearn.server.secure import HE_BITS, HomomorphicRound, SecAggSettings, SecureAggregationRound, require_sum_only
 from fedlearn.strategies import Strategy
 from fedlearn.strategies.base import Sampler
 from fedlearn.strategies.dp import DPSGD, CentralDP, LocalDP
@@ -110,6 +111,8 @@ def local_config(config: RunConfig) -> LocalConfig:
     return LocalConfig(**{f.name: getattr(config, f.name) for f in fields(TrainingKeys)})
 
 
+log = logging.getLogger(__name__)
+
 RuntimeFactory = Callable[[RunConfig, ParamSpec], Runtime]
 
 
@@ -129,14 +132,27 @@ def resolve_clients(config: RunConfig, bundle: DatasetBundle | None = None) -> R
     return config.updated({"clients": count})
 
 
-def resolve_privacy(config: RunConfig) -> RunConfig:
-    """Fill in what DP derives: delta's default, and the noise multiplier calibrated to a target epsilon."""
+def protected_units(config: RunConfig, examples: int | None = None) -> tuple[int, str]:
+    """What DP protects and how many of them: clients under central and local DP, training examples under DP-SGD
+    (``examples``, the training split's size when known, else the clients as a lower bound)."""
+    if config.dp == "dpsgd" and examples:
+        return examples, "training examples"
+    return config.clients, "clients"
+
+
+def resolve_privacy(config: RunConfig, examples: int | None = None) -> RunConfig:
+    """Fill in what DP derives: delta's default (min(1e-5, 1/n^1.1) for n protected units), and the noise
+    multiplier calibrated to a target epsilon. Warns when a given delta is at least 1/n."""
     if config.dp == "none":
         return config
-    from fedlearn.privacy.accountant import calibrate_noise_multiplier, default_delta  # scipy: only under DP
+    from fedlearn.privacy.accountant import calibrate_noise_multiplier, default_delta, delta_warning  # scipy
 
     changes: dict = {}
-    delta = config.delta if config.delta is not None else default_delta(config.clients)
+    units, unit = protected_units(config, examples)
+    delta = config.delta if config.delta is not None else default_delta(units)
+    warning = delta_warning(delta, units, unit)
+    if warning:
+        log.warning("%s", warning)
     changes["delta"] = delta
     if config.target_epsilon is not None and config.target_mode == "calibrate" and config.dp == "local":
         # every round counts for a client, with sensitivity 2C: calibrate z / 2 without sampling
@@ -146,6 +162,17 @@ def resolve_privacy(config: RunConfig) -> RunConfig:
         changes["noise_multiplier"] = calibrate_noise_multiplier(
             config.target_epsilon, sampling_rate=config.fraction, steps=config.rounds, delta=delta,
             kind=config.accountant, clipped_count_stddev=clipped_count_stddev(config))
+    elif config.target_epsilon is not None and config.dp == "central":  # --target-mode stop
+        from fedlearn.privacy.accountant import PrivacyAccountant
+
+        first = PrivacyAccountant(noise_multiplier=config.noise_multiplier, sampling_rate=config.fraction,
+                                  delta=delta, kind=config.accountant,
+                                  clipped_count_stddev=clipped_count_stddev(config)).epsilon_after(1)
+        if first > config.target_epsilon:
+            raise ConfigError(f"--target-epsilon {config.target_epsilon:g} is below one round's epsilon "
+                              f"({first:.3g} at --noise-multiplier {config.noise_multiplier:g}, --fraction "
+                              f"{config.fraction:g}, delta {delta:.3g}), so no round could run; raise "
+                              "--noise-multiplier or --target-epsilon")
     return config.updated(changes)
 
 
@@ -213,19 +240,19 @@ def client_app(config: RunConfig, model: torch.nn.Module, clients: dict[str, Cli
 def secure_round(config: RunConfig, strategy: Strategy,
                  clients: dict[str, ClientData]) -> SecureAggregationRound | HomomorphicRound | None:
     """The secure-aggregation or HE exchange ``config`` asks for, checked against the strategy; None without one."""
-    if config.he != "none" or config.secure_aggregation != "none":
-        require_sum_only(strategy)
-    if config.he == "ckks":
-        return HomomorphicRound(str(Path(config.he_keys) / "public.ctx"), config.he_key_holder)
-    if config.secure_aggregation == "none":
+    if config.he == "none" and config.secure_aggregation == "none":
         return None
+    require_sum_only(strategy)
     max_weight = config.secagg_max_weight
     if max_weight is None:
         if not clients:
-            raise ConfigError("--secure-aggregation with remote clients needs --secagg-max-weight: the largest "
-                              "sample count any client may hold")
+            raise ConfigError("--secure-aggregation or --he with remote clients needs --secagg-max-weight: the "
+                              "largest sample count any client may hold")
         max_weight = max(len(c.train) for c in clients.values())
     clip = config.secagg_clip or (config.clip_norm if config.dp in ("central", "local") else 1.0)
+    if config.he == "ckks":
+        return HomomorphicRound(str(Path(config.he_keys) / "public.ctx"), config.he_key_holder, clip=clip,
+                                max_weight=max_weight, bits=min(config.secagg_bits, HE_BITS))
     settings = SecAggSettings(config.secure_aggregation, config.secagg_threshold, config.secagg_bits, clip,
                               config.secagg_neighbours, max_weight)
     settings.check(strategy)

@@ -9,6 +9,7 @@ from typing import Any
 
 from fedlearn.errors import ConfigError
 from fedlearn.metrics import BINARY_KEYS
+from fedlearn.data import load_dataset
 from fedlearn.run.config import RunConfig
 from fedlearn.run.experiment import Experiment, RuntimeFactory, build_experiment, resolve_clients, resolve_privacy
 from fedlearn.run.rundir import RunDir, check_output, default_run_dir
@@ -77,8 +78,14 @@ def check_run(config: RunConfig | None = None, *, resume: str | os.PathLike | No
 def resolve_new_run(config: RunConfig) -> RunConfig:
     """A new run's config as its config.yaml records it: validated, with the values DP derives and the client test
     share filled in (so a resumed run, or a later release with other defaults, reads back exactly what ran).
-    A natural partition without ``--clients`` loads the dataset here to count its groups."""
-    config = resolve_privacy(resolve_clients(config.validate()).validate())
+    A natural partition without ``--clients`` loads the dataset here to count its groups, and DP-SGD without
+    ``--delta`` to count the training examples it protects."""
+    config = config.validate()
+    needs_data = (config.clients is None and config.partition == "natural") or (
+        config.dp == "dpsgd" and config.delta is None)
+    bundle = load_dataset(config.dataset, config.data_dir, download=config.download) if needs_data else None
+    config = resolve_clients(config, bundle).validate()
+    config = resolve_privacy(config, len(bundle.train) if bundle is not None else None)
     return config.updated({"client_test_fraction": config.effective_client_test_fraction}).validate()
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from fedlearn.errors import ConfigError, InvalidUpdateError
-from fedlearn.privacy import he
+from fedlearn.privacy import he, sum_check
 from fedlearn.privacy.secagg.crypto import mask_dtype
 from fedlearn.privacy.secagg.encoding import FixedPoint
 from fedlearn.privacy.secagg.graph import default_degree
@@ -32,6 +32,7 @@ from fedlearn.strategies.base import Aggregator, Strategy
 log = logging.getLogger(__name__)
 
 MODES = ("secagg", "secagg+")
+HE_BITS = 30  # CKKS adds integers below 2^30 within 2e-3 of exact (ckks_error_bound): far inside the 1/8 tolerance
 
 
 @dataclass(frozen=True)
@@ -185,18 +186,31 @@ def _masked_vector(result: TrainResult, fixed_point: FixedPoint) -> np.ndarray:
 
 
 class HomomorphicRound:
-    """A round under CKKS: clients send encrypted weighted updates, the server adds ciphertexts it
-    cannot open (it holds the public context only), and the key holder decrypts just the sum.
+    """A round under CKKS: clients send encrypted fixed-point contributions with check values, the server adds
+    ciphertexts it cannot open (it holds the public context only), and the key holder returns the exact integer sum
+    only after checking it is the sum of the clients the server names (``privacy.sum_check``).
 
     ``key_holder`` names the client holding secret.ctx; None lets the first answering client (in
     task order) decrypt, which suits a simulation where every client can reach the key folder.
+    ``clip``, ``max_weight`` and ``bits`` set the fixed point as for SecAgg; ``bits`` stays at HE_BITS or below so
+    that CKKS adds the integers exactly.
     """
 
     name = "ckks"
 
-    def __init__(self, public_context_path: str, key_holder: str | None = None) -> None:
+    def __init__(self, public_context_path: str, key_holder: str | None = None, *, clip: float = 1.0,
+                 max_weight: int = 1, bits: int = HE_BITS) -> None:
         self.context = he.load_public_context(public_context_path)  # refuses a context holding the secret key
         self.key_holder = key_holder
+        if not 8 <= bits <= HE_BITS:
+            raise ConfigError(f"CKKS sums integers exactly up to 2^{HE_BITS}; give --secagg-bits from 8 to {HE_BITS} "
+                              f"with --he ckks (got {bits})")
+        self.clip, self.max_weight, self.bits = clip, max_weight, bits
+        FixedPoint(bits, clip, 2, max_weight, 1)  # bits, clip and weight ranges
+        error = he.ckks_error_bound(he.context_params(self.context), 1, 2.0**bits)
+        if error > sum_check.INTEGER_TOLERANCE / 4:  # the key holder must round every honest sum exactly
+            raise ConfigError(f"these CKKS parameters add {bits}-bit integers only within {error:.2g}, too coarse "
+                              f"for exact sums; use the default keys or fewer --secagg-bits")
 
     def collect(self, rnd: int, tasks: list[TrainTask], loop: Any,
                 aggregator: Aggregator) -> tuple[Traffic, str | None]:
@@ -206,10 +220,17 @@ class HomomorphicRound:
     def run(self, rnd: int, tasks: Sequence[TrainTask], runtime: Runtime, strategy: Strategy,
             aggregation: Aggregator, seed: int, loop: Any) -> SecureRoundOutcome:
         out = SecureRoundOutcome()
+        ids = [t.client_id for t in tasks]
+        if len(ids) < sum_check.MIN_CONTRIBUTORS:
+            return _too_few(out, rnd, ids, "sampled")
         extras = list(strategy.secure_extras)
-        train = [replace(t, config={**t.config, "he": hidden_sum_request(strategy)}) for t in tasks]
         length = sum(strategy.expected_arrays(loop.state).values())
-        total = he.EncryptedSum(self.context, length + 1 + len(extras))
+        uniform = strategy.weighting == "uniform"
+        fixed_point = FixedPoint(self.bits, self.clip, len(ids), 1 if uniform else self.max_weight, length,
+                                 extras=1 + len(extras))
+        request = {**hidden_sum_request(strategy), "fixed_point": fixed_point.to_dict()}
+        train = [replace(t, config={**t.config, "he": request}) for t in tasks]
+        total = he.EncryptedSum(self.context, length + fixed_point.extras + sum_check.CHECK_SLOTS)
         answered: list[str] = []
 
         def accept(task: Message, answer: Message) -> None:
@@ -220,15 +241,19 @@ class HomomorphicRound:
             answered.append(answer.client_id)
 
         out.traffic = collect(runtime, train, accept, rnd, "encrypted update")
-        if not answered:
-            return out
+        if len(answered) < sum_check.MIN_CONTRIBUTORS:
+            return _too_few(out, rnd, ids, "answered", len(answered))
         holder = self.key_holder or answered[0]
         blob, sizes = join_blob(total.serialize())
-        request = SecureTask(rnd, holder, "he-decrypt", {"chunk_sizes": sizes, "length": total.length}, blob)
+        request = SecureTask(rnd, holder, "he-decrypt", {"chunk_sizes": sizes, "length": total.length,
+                                                         "contributors": list(answered),
+                                                         "fixed_point": fixed_point.to_dict()}, blob)
         replies: list[SecureReply] = []
+        expected = length + fixed_point.extras
 
         def take(task: Message, reply: Message) -> None:
-            if not isinstance(reply, SecureReply) or reply.blob.numel() != total.length:
+            if (not isinstance(reply, SecureReply) or reply.blob.dtype != torch.int64
+                    or reply.blob.numel() != expected):
                 raise InvalidUpdateError(f"key holder {holder} did not return the decrypted sum")
             replies.append(reply)
 
@@ -240,8 +265,19 @@ class HomomorphicRound:
             log.warning("round %d: %s; weights unchanged", rnd, out.aborted)
             out.traffic.failed = sorted(t.client_id for t in tasks)
             return out
-        plain = replies[0].blob.double()
-        counts = [round(float(v)) for v in plain[length:]]  # exact integers, decrypted within ~1e-6
-        aggregation.add_sum(_split_sum(strategy, loop, plain[:length]), float(counts[0]), len(answered),
-                            dict(zip(extras, counts[1:])))
+        weighted_sum, total_weight, counts = fixed_point.decode(replies[0].blob.numpy(), len(answered))
+        aggregation.add_sum(_split_sum(strategy, loop, weighted_sum), float(total_weight), len(answered),
+                            dict(zip(extras, counts)))
+        out.traffic.failed = sorted(set(ids) - set(answered))
         return out
+
+
+def _too_few(out: SecureRoundOutcome, rnd: int, ids: list[str], what: str,
+             count: int | None = None) -> SecureRoundOutcome:
+    """Abort a round whose hidden sum would hold fewer than two clients: a sum of one is that client's update."""
+    if ids:
+        out.aborted = (f"encrypted round {rnd} aborted: only {len(ids) if count is None else count} client(s) "
+                       f"{what}; the key holder decrypts sums of at least {sum_check.MIN_CONTRIBUTORS}")
+        out.traffic.failed = sorted(ids)
+        log.warning("round %d: %s", rnd, out.aborted)
+    return out
