@@ -7,9 +7,9 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from fedlearn.data import load_dataset
 from fedlearn.errors import ConfigError
 from fedlearn.metrics import BINARY_KEYS
-from fedlearn.data import load_dataset
 from fedlearn.run.config import RunConfig
 from fedlearn.run.experiment import Experiment, RuntimeFactory, build_experiment, resolve_clients, resolve_privacy
 from fedlearn.run.rundir import RunDir, check_output, default_run_dir
