@@ -113,7 +113,7 @@ def test_poisson_sampling_flips_a_coin_per_client() -> None:
     sizes = [len(sampler.sample(ids, r, seed=5)) for r in range(1, 201)]
     assert sum(sizes) / len(sizes) == pytest.approx(20, rel=0.05)
     assert len(set(sizes)) > 5  # the count itself is random
-    assert sampler.sample(ids, 3, seed=5) == sampler.sample(ids, 3, seed=5)
+    assert sampler.sample(ids, 3, seed=5) != sampler.sample(ids, 3, seed=5)  # secret coins, not the seed's
     assert sampler.population == 200 and sampler.expected() == pytest.approx(20)
 
 
@@ -331,8 +331,7 @@ def test_fed_server_refuses_a_fraction_that_disagrees_with_the_dp_sampler() -> N
     assert server.loop.strategy.sampler is strategy.sampler and strategy.inner.sampler is strategy.sampler
     assert strategy.accountant.sampling_rate == strategy.sampler.rate == 0.1
     assert strategy.accountant.sampling == strategy.sampler.kind == "poisson"
-    ids = [f"c{i}" for i in range(10)]
-    assert [r["clients_sampled"] for r in rows] == [len(PoissonSampler(0.1).sample(ids, k, 4)) for k in range(1, 6)]
+    assert all(0 <= r["clients_sampled"] <= 10 for r in rows)
     fresh = PrivacyAccountant(noise_multiplier=1.1, sampling_rate=strategy.sampler.rate, delta=1e-5)
     assert [r["epsilon"] for r in rows] == [fresh.epsilon_after(k) for k in range(1, 6)]
     assert rows[-1]["epsilon"] == PrivacyAccountant(noise_multiplier=1.1, sampling_rate=0.1,

@@ -98,11 +98,23 @@ def test_fraction_out_of_range_raises_config_error(fraction: float) -> None:
 # -- Poisson sampling (what DP amplification by sampling assumes) ------------------------------
 
 
+def test_poisson_sample_is_secret_by_default_whatever_the_run_seed() -> None:
+    ids = [f"z{i}" for i in range(1000)]
+    sampler = PoissonSampler(0.1)
+    assert sampler.secret
+    first, second = sampler.sample(ids, 3, 5), PoissonSampler(0.1).sample(ids, 3, 5)
+    assert first != second  # the same round and seed: the CSPRNG's coins, not the seed's (equal w.p. ~1e-60)
+    assert first != PoissonSampler(0.1, secret=False).sample(ids, 3, 5)
+    sizes = [len(sampler.sample(ids, 3, 5)) for _ in range(200)]
+    assert 90 <= sum(sizes) / len(sizes) <= 110 and len(set(sizes)) > 1
+    assert first == [c for c in ids if c in set(first)]  # in population order
+
+
 def test_poisson_sample_is_seeded_ordered_and_sized_like_its_rate() -> None:
     ids = [f"z{i}" for i in range(1000, 0, -1)]
-    sampler = PoissonSampler(0.1)
+    sampler = PoissonSampler(0.1, secret=False)  # the simulation-only seeded-privacy switch
     assert sampler.kind == "poisson" and sampler.rate == 0.1
-    assert sampler.sample(ids, 3, 5) == PoissonSampler(0.1).sample(ids, 3, 5)
+    assert sampler.sample(ids, 3, 5) == PoissonSampler(0.1, secret=False).sample(ids, 3, 5)
     assert sampler.sample(ids, 3, 5) != sampler.sample(ids, 4, 5)
     assert sampler.sample(ids, 3, 5) != sampler.sample(ids, 3, 6)
     sizes = [len(sampler.sample(ids, r, 5)) for r in range(1, 201)]

@@ -17,7 +17,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from fedlearn.client.data import ClientData
 from fedlearn.client.hooks import TrainHook, build_hooks
@@ -25,6 +24,7 @@ from fedlearn.client.secure import SecureClients
 from fedlearn.client.state import VERSIONS_KEPT, ClientStateStore
 from fedlearn.client.trainer import LocalTrainer
 from fedlearn.errors import FedLearnError, InvalidUpdateError
+from fedlearn.privacy.dp import PrivacyRandom
 from fedlearn.protocol.messages import EvalResult, EvalTask, Message, SecureTask, TrainResult, TrainTask
 from fedlearn.seeding import derive_seed
 from fedlearn.transforms.base import TransformContext, UpdateTransform, build_transforms
@@ -112,8 +112,11 @@ class ClientApp:
             return secrets.randbits(63)
         return derive_seed(self.seeded_privacy, task.round, task.client_id, purpose)
 
-    def _generator(self, task: TrainTask, purpose: str) -> torch.Generator:
-        return torch.Generator().manual_seed(self._seed(task, purpose))
+    def _generator(self, task: TrainTask, purpose: str) -> PrivacyRandom:
+        """The client's privacy randomness: the OS's CSPRNG, or a seeded source under the simulation-only switch."""
+        if self.seeded_privacy is None:
+            return PrivacyRandom()
+        return PrivacyRandom(self._seed(task, purpose))
 
     def prepare(self, task: TrainTask) -> tuple[ClientData, list[TrainHook], list[UpdateTransform]]:
         """The client's data and the hooks and transforms it will run for ``task`` (its policy applied)."""

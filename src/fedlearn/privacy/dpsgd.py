@@ -21,12 +21,13 @@ from torch.utils.data import Dataset
 from fedlearn.client.hooks import HookContext, TrainHook
 from fedlearn.data.arrays import as_tensors
 from fedlearn.errors import ConfigError
+from fedlearn.privacy.dp import PrivacyRandom
 from fedlearn.registry import positive, register
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def poisson_batches(dataset: Dataset, batch_size: int, epochs: int, generator: torch.Generator,
+def poisson_batches(dataset: Dataset, batch_size: int, epochs: int, generator: PrivacyRandom,
                     device: torch.device, targets: Callable[[torch.Tensor], torch.Tensor] | None = None,
                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """epochs * round(n / B) batches, each example joining each batch with probability B / n."""
@@ -38,7 +39,7 @@ def poisson_batches(dataset: Dataset, batch_size: int, epochs: int, generator: t
     n = y.shape[0]
     rate = min(1.0, batch_size / n)
     for _ in range(epochs * max(1, round(n / batch_size))):
-        chosen = torch.nonzero(torch.rand(n, generator=generator) < rate).flatten()
+        chosen = torch.nonzero(generator.uniform(n) < rate).flatten()  # CSPRNG coins: the batch stays secret
         yield x[chosen].to(device), y[chosen].to(device)
 
 
@@ -48,7 +49,7 @@ def steps_per_round(num_examples: int, batch_size: int, epochs: int) -> int:
 
 
 def private_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, clip_norm: float,
-                      noise_multiplier: float, expected_batch: float, generator: torch.Generator,
+                      noise_multiplier: float, expected_batch: float, generator: PrivacyRandom,
                       loss: Loss) -> float:
     """Set each trainable parameter's .grad to the clipped, noised mean gradient; return the batch loss sum."""
     params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
@@ -68,7 +69,7 @@ def private_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, cli
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        noise = torch.randn(p.shape, generator=generator, dtype=torch.float64) * (noise_multiplier * clip_norm)
+        noise = generator.normal(p.shape, noise_multiplier * clip_norm)
         total = noise.to(p.dtype).to(p.device)
         if per_example is not None:
             g = per_example[name]
@@ -98,7 +99,7 @@ class DPSGDHook(TrainHook):
             if self.accountant not in ACCOUNTANTS:
                 raise ConfigError(f"--accountant must be one of {', '.join(ACCOUNTANTS)}; got {self.accountant!r}")
 
-    def attach(self, generator: torch.Generator) -> None:
+    def attach(self, generator: PrivacyRandom) -> None:
         """The generator for the Poisson sampling and the noise: secret to this client."""
         self.generator = generator
 

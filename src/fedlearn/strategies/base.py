@@ -70,16 +70,26 @@ class Sampler:
 
 
 class PoissonSampler(Sampler):
-    """Each client joins a round independently with probability ``rate`` (what DP amplification assumes)."""
+    """Each client joins a round independently with probability ``rate`` (what DP amplification assumes).
+
+    Amplification by sampling holds only if nobody can predict the sample, so the coins come from the OS's CSPRNG;
+    ``secret=False`` (the simulation-only seeded-privacy switch) draws them from the run seed, reproducibly.
+    """
 
     kind = "poisson"
 
-    def __init__(self, rate: float) -> None:
+    def __init__(self, rate: float, *, secret: bool = True) -> None:
         super().__init__(rate, 0)
+        self.secret = secret
 
     def sample(self, client_ids: Sequence[str], rnd: int, seed: int) -> list[str]:
         self.population = len(client_ids)
-        coins = np.random.default_rng([seed, rnd, 0x5EED]).random(len(client_ids))
+        if self.secret:
+            from fedlearn.privacy.dp import PrivacyRandom
+
+            coins = PrivacyRandom().uniform(len(client_ids)).numpy()
+        else:
+            coins = np.random.default_rng([seed, rnd, 0x5EED]).random(len(client_ids))
         return [cid for cid, coin in zip(client_ids, coins) if coin < self.fraction]
 
 

@@ -181,7 +181,7 @@ class CentralDP(Wrapper):
         super().__init__(inner)
         if inner.weighting is None:
             raise ConfigError(f"--dp central needs a strategy whose aggregate is a mean; {inner.name} is not")
-        self.sampler = inner.sampler = PoissonSampler(inner.sampler.fraction)
+        self.sampler = inner.sampler = PoissonSampler(inner.sampler.fraction, secret=noise_seed is None)
         self.weighting = "uniform"
         self.population = population
         self.clip_norm = float(clip_norm)

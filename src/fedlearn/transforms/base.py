@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from fedlearn.errors import InvalidUpdateError
 from fedlearn.protocol.messages import Arrays
 from fedlearn.registry import NoConfig, config_from_fields, lookup
+
+if TYPE_CHECKING:
+    from fedlearn.privacy.dp import PrivacyRandom
 
 
 @dataclass
@@ -26,7 +29,7 @@ class TransformContext:
 
     client_id: str
     round: int
-    noise: torch.Generator | None = None
+    noise: PrivacyRandom | None = None
 
 
 class UpdateTransform:
