@@ -56,13 +56,16 @@ RUN_FLAGS: dict[str, tuple[type, str]] = {
                        "dpsgd)"),
     "--target-epsilon": (float, "privacy budget: calibrate the noise to it, or stop before exceeding it "
                          "(default none: no budget)"),
+    "--client-budget": (float, "under --dp local or dpsgd: this client's own epsilon budget; it refuses any "
+                        "training task that would exceed it, whatever the server asks (default none)"),
     "--target-mode": (str, "calibrate (choose --noise-multiplier for --rounds) or stop (end the run at the budget)"),
     "--accountant": (str, "rdp or pld (Google's dp-accounting)"),
     "--adaptive-clip-quantile": (float, "adapt --clip-norm to this quantile of update norms (Andrew et al. 2021) "
                                  "(default none: a fixed --clip-norm)"),
     "--secure-aggregation": (str, "none, secagg (Bonawitz et al. 2017) or secagg+ (Bell et al. 2020): the server "
                              "sees only the sum of the clients' updates"),
-    "--secagg-threshold": (float, "clients needed to unmask: a fraction of the sampled ones (default 0.67) or a count"),
+    "--secagg-threshold": (float, "clients needed to unmask: a fraction in (0.5, 1) of the sampled ones (default "
+                                  "0.67) or a count; never half or fewer"),
     "--secagg-bits": (int, "bit width of the secure sum, Z_2^bits (default 32; at most 30 with --he ckks)"),
     "--secagg-clip": (float, "each update coordinate is clipped to [-clip, clip] before fixed-point encoding, "
                       "for SecAgg and --he alike (default: --clip-norm with --dp, else 1.0)"),
@@ -489,8 +492,10 @@ INTERRUPTED = {
 
 
 def one_line(message: str) -> str:
-    """An error message as one line: line breaks a path or value carried into it are shown escaped."""
-    return message.replace("\r", "\\r").replace("\n", "\\n")
+    """An error message as one line: line breaks a path or value carried into it are shown escaped, and so are
+    characters no terminal can print (a lone surrogate from an undecodable argument)."""
+    message = message.replace("\r", "\\r").replace("\n", "\\n")
+    return message.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

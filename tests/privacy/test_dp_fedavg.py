@@ -144,6 +144,12 @@ def test_run_reports_epsilon_every_round_from_the_accountant(tmp_path: Path) -> 
     assert summary["epsilon"] == pytest.approx(rows[-1]["epsilon"])
     assert (summary["delta"], summary["noise_multiplier"], summary["clip_norm"], summary["accountant"]) == (
         pytest.approx(delta), 1.1, 0.5, "rdp")
+    # Nothing unnoised is published: no train loss, no realised cohort size or ids, no label histograms.
+    withheld = {"train_loss", "clients_sampled", "clients_succeeded", "failed_clients"}
+    assert all(not withheld & set(r) for r in rows) and "test_accuracy" in rows[-1]
+    assert set(summary["not_published"]) >= withheld and "epsilon_covers" in summary
+    partition = json.loads((out / "partition.json").read_text())
+    assert len(partition) == 20 and not any("label_counts" in p or "test_label_counts" in p for p in partition)
 
 
 def test_target_epsilon_calibrates_the_noise(tmp_path: Path) -> None:
@@ -237,6 +243,28 @@ def test_local_dp_clients_noise_their_own_updates() -> None:
     reference = PrivacyAccountant(noise_multiplier=1.0, sampling_rate=1.0, delta=1e-5)
     strategy.aggregator(1, ServerState(weights))
     assert strategy.round_metrics()["epsilon"] == pytest.approx(reference.epsilon_after(1))
+
+
+def test_a_dpsgd_client_runs_its_own_dp_sgd_and_keeps_its_train_loss() -> None:
+    """The server's task asks for no DP-SGD, or for less noise: the client's own policy (from its own config)
+    trains with DP-SGD anyway, or refuses; what it sends carries no unnoised train loss."""
+    from fedlearn.run.config import RunConfig
+    from fedlearn.run.experiment import client_policy
+
+    torch.manual_seed(0)
+    trainer = LocalTrainer(nn.Sequential(nn.Flatten(), nn.Linear(16, 3)), "cpu")
+    data = {"c0": _equal_clients(k=1, n=64)["c0"]}
+    policy = client_policy(RunConfig(dp="dpsgd", clip_norm=0.5, noise_multiplier=1.5, clients=4))
+    plain_task = FedAvg(local=LOCAL).configure_train(1, ServerState(trainer.vector.read()), ["c0"], seed=1)[0]
+    assert "hooks" not in plain_task.config
+    result = ClientApp(trainer, data, policy=policy)(plain_task)
+    assert "epsilon" in result.metrics and "train_loss" not in result.metrics  # DP-SGD ran; the loss stayed home
+    plain = ClientApp(trainer, data)(plain_task)
+    assert "train_loss" in plain.metrics and "epsilon" not in plain.metrics
+    weaker = TrainTask(1, "c0", plain_task.arrays, {**plain_task.config, "hooks": {"dpsgd": {
+        "clip": 0.5, "noise_multiplier": 0.1, "delta": 1e-5, "accountant": "rdp"}}})
+    with pytest.raises(TaskRefused, match="weaker"):
+        ClientApp(trainer, data, policy=policy)(weaker)
 
 
 def test_local_dp_noise_is_the_clients_own_policy() -> None:

@@ -268,3 +268,10 @@ def test_an_error_message_carrying_a_line_break_is_still_one_line(tmp_path: Path
     assert main(["run", "--quiet", "--output", str(folder)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "two\\nlines is a file" in err
+
+
+def test_an_undecodable_argument_in_a_usage_error_is_shown_escaped(capsys) -> None:
+    # found by the config fuzzer: argparse's message quoting a lone surrogate could not be written to stderr
+    assert main(["run", "--dry-run", "--clients=\udcff"]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith("fedlearn: error: argument --clients: invalid int value: '\\udcff'\n")

@@ -109,3 +109,20 @@ def test_a_huge_file_given_as_config_is_refused_unread(tmp_path: Path) -> None:
 def test_an_empty_config_file_is_no_settings(tmp_path: Path) -> None:
     (tmp_path / "empty.yaml").write_text("")
     assert load_config_file(tmp_path / "empty.yaml") == {}
+
+
+@pytest.mark.parametrize("changes", [
+    {"dp": "central", "evaluation": "federated"}, {"dp": "local", "evaluation": "both"},
+    {"dp": "dpsgd", "evaluation": "federated"},
+])
+def test_dp_refuses_federated_evaluation_it_does_not_account_for(changes) -> None:
+    with pytest.raises(ConfigError, match="test loss, accuracy and count unnoised, which epsilon does not cover"):
+        RunConfig(**changes).validate()
+
+
+@pytest.mark.parametrize("changes", [
+    {"secure_aggregation": "secagg", "evaluation": "federated"}, {"he": "ckks", "he_keys": "k", "evaluation": "both"},
+])
+def test_secure_sums_refuse_federated_evaluation_in_the_clear(changes) -> None:
+    with pytest.raises(ConfigError, match="which the secure sum exists to hide"):
+        RunConfig(**changes).validate()

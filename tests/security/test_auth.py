@@ -156,3 +156,8 @@ def test_a_flood_of_refused_calls_logs_a_line_per_reason_per_interval(caplog) ->
     refusals.interval = 0.0
     refusals.note("no bearer token", "ipv4:127.0.0.1:2")
     assert caplog.records[-1].getMessage().endswith("(and 999 more like it in the last 0 s)")
+    refusals.interval = 3600.0
+    with caplog.at_level(logging.WARNING, logger="fedlearn.security.auth"):
+        for i in range(500):  # a flood of made-up ids: one kind of refusal, not 500
+            refusals.note(f"client id 'fake-{i}' is not on the allow-list", "ipv4:127.0.0.1:3")
+    assert sum("is not on the allow-list" in r.getMessage() for r in caplog.records) == 1

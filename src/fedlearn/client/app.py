@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedlearn.client.budget import ClientBudget
 from fedlearn.client.data import ClientData
 from fedlearn.client.hooks import TrainHook, build_hooks
 from fedlearn.client.secure import SecureClients
@@ -36,12 +37,17 @@ class TaskRefused(FedLearnError):
     """The client will not run this task (it asks for less privacy than the client's policy, or is malformed)."""
 
 
+UNNOISED_METRICS = ("train_loss",)  # what a DP client keeps from the server its noise protects it against
+
+
 @dataclass
 class ClientPolicy:
     """What a client requires whatever the server asks: privacy transforms and hooks with minimum settings."""
 
     transforms: list[UpdateTransform] = field(default_factory=list)
     hooks: dict[str, TrainHook] = field(default_factory=dict)
+    withheld: tuple[str, ...] = ()  # metrics the client never sends (unnoised functions of its data)
+    budget: ClientBudget | None = None  # the client's own epsilon budget (local DP, DP-SGD)
 
     def pipeline(self, requested: list[UpdateTransform]) -> list[UpdateTransform]:
         """The transforms to apply: the policy's, in the policy's order (a requested one of the same kind
@@ -132,18 +138,20 @@ class ClientApp:
         """Prepare, train, finish: the result that leaves the client."""
         data, hooks, transforms = self.prepare(task)
         before = self.state.get(task.client_id, before=task.round)  # older if the server went back a checkpoint
+        spent = self.policy.budget.admit(task, len(data.train), before) if self.policy.budget else {}
         outcome = self.trainer.fit(task, data, hooks, before)
         arrays, metrics = outcome.arrays, outcome.metrics
         ctx = TransformContext(task.client_id, task.round,
                                self._generator(task, "noise") if transforms else None)
         for transform in transforms:
             arrays = transform.client(arrays, metrics, ctx)
+        metrics = {k: v for k, v in metrics.items() if k not in self.policy.withheld}
         result = TrainResult(task.round, task.client_id, outcome.num_examples, arrays, metrics,
                              model_version=task.model_version)
         if "he" in task.config or "secagg" in task.config:
             result = self.secure.seal(task, result, self._rounding(task))
-        if outcome.state:  # keys this round did not touch are kept
-            self.state.put(task.client_id, {**before, **outcome.state}, task.round)
+        if outcome.state or spent:  # keys this round did not touch are kept
+            self.state.put(task.client_id, {**before, **outcome.state, **spent}, task.round)
             if self.commit_state:
                 self.state.commit()
                 self.state.prune(latest=VERSIONS_KEPT)  # enough for a server that falls back to an older checkpoint

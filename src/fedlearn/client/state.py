@@ -38,7 +38,8 @@ Arrays = dict[str, torch.Tensor]
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
-PRIVACY_COUNTERS = frozenset({"dpsgd_steps"})  # counts of privacy spent: a rollback keeps their highest value
+LOCAL_DP_RELEASES = "ldp_releases"  # rounds a client released a local-DP update in (its own budget's count)
+PRIVACY_COUNTERS = frozenset({"dpsgd_steps", LOCAL_DP_RELEASES})  # privacy spent: a rollback keeps the highest
 VERSIONS_KEPT = KEEP + 1  # a deployed client's versions: the server's kept checkpoints plus the round in flight
 _FILE_RE = re.compile(r"^([0-9a-f]{32})-(0|[1-9][0-9]*)\.pt$")
 _TMP_RE = re.compile(r"^[0-9a-f]{32}-[0-9]+\.pt\..*\.tmp$")

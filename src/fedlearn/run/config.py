@@ -99,7 +99,7 @@ def bounds() -> dict[str, Bound]:
         "max_examples_per_client": Bound(1, 2**53),
         "client_test_fraction": Bound(0, 1, open_high=True),
         "noise_multiplier": non_negative, "clip_norm": above_zero, "clip_learning_rate": non_negative,
-        "delta": Bound(0, 1, open_low=True, open_high=True), "target_epsilon": above_zero,
+        "delta": Bound(0, 1, open_low=True, open_high=True), "target_epsilon": above_zero, "client_budget": above_zero,
         "adaptive_clip_quantile": Bound(0, 1, open_low=True, open_high=True),
         "secagg_bits": Bound(8, 64), "secagg_clip": above_zero, "secagg_neighbours": Bound(2),
         "secagg_max_weight": positive,
@@ -145,6 +145,7 @@ class RunConfig(TrainingKeys):
     clip_norm: float = 1.0
     delta: float | None = None
     target_epsilon: float | None = None
+    client_budget: float | None = None  # each client's own epsilon budget under --dp local or dpsgd
     target_mode: str = "calibrate"
     accountant: str = "rdp"
     adaptive_clip_quantile: float | None = None
@@ -222,6 +223,9 @@ class RunConfig(TrainingKeys):
         return self
 
     def _validate_dp(self) -> None:
+        if self.client_budget is not None and self.dp not in ("local", "dpsgd"):
+            raise ConfigError("--client-budget is a client's own epsilon budget under --dp local or dpsgd; under "
+                              f"--dp {self.dp} use --target-epsilon")
         if self.dp == "none":
             return
         if self.algorithm == "fedsgd":
@@ -233,6 +237,10 @@ class RunConfig(TrainingKeys):
         if self.dp == "dpsgd" and self.target_epsilon is not None:
             raise ConfigError("--dp dpsgd: give --noise-multiplier (calibrating to --target-epsilon needs each "
                               "client's data size, which the server does not know before training)")
+        if self.evaluation != "centralized":
+            raise ConfigError(f"--dp {self.dp} with --evaluation {self.evaluation}: each client would send its test "
+                              "loss, accuracy and count unnoised, which epsilon does not cover; use --evaluation "
+                              "centralized")
 
     def _validate_secure(self) -> None:
         _one_of("secure_aggregation", self.secure_aggregation, SECURE_MODES)
@@ -243,10 +251,15 @@ class RunConfig(TrainingKeys):
             raise ConfigError("--dp dpsgd keeps a per-client accountant from each client's sample count, which "
                               "secure aggregation hides; use --dp central or local with it")
         if self.secure_aggregation != "none":
-            if not (0 < self.secagg_threshold < 1 or (self.secagg_threshold >= 2 and
-                                                       float(self.secagg_threshold).is_integer())):
-                raise ConfigError("--secagg-threshold must be a fraction in (0, 1) of the sampled clients or a "
-                                  f"count >= 2; got {self.secagg_threshold}")
+            if not (0.5 < self.secagg_threshold < 1 or (self.secagg_threshold >= 2 and
+                                                         float(self.secagg_threshold).is_integer())):
+                raise ConfigError("--secagg-threshold must be a fraction in (0.5, 1) of the sampled clients (at or "
+                                  "below half, the server can learn a client's input from two disjoint sets of "
+                                  f"holders) or a count >= 2; got {self.secagg_threshold}")
+        if (self.secure_aggregation != "none" or self.he != "none") and self.evaluation != "centralized":
+            raise ConfigError(f"--evaluation {self.evaluation} with secure aggregation or --he: each client would "
+                              "send its test loss, accuracy and count in the clear, which the secure sum exists to "
+                              "hide; use --evaluation centralized")
         if self.he != "none" and not self.he_keys:
             raise ConfigError("--he ckks needs --he-keys DIR made by `fedlearn he keygen --dir DIR`")
 

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
-from fedlearn.client.app import ClientApp, ClientPolicy
+from fedlearn.client.app import UNNOISED_METRICS, ClientApp, ClientPolicy
+from fedlearn.client.budget import ClientBudget
 from fedlearn.client.data import ClientData
 from fedlearn.client.secure import SecureClients
 from fedlearn.client.state import ClientStateStore
@@ -24,6 +25,7 @@ from fedlearn.data.datasets import partition_labels
 from fedlearn.data.partition import natural_group_count
 from fedlearn.errors import ConfigError
 from fedlearn.models import build_model
+from fedlearn.privacy.dpsgd import DPSGDHook
 from fedlearn.protocol.local import LocalConfig, TrainingKeys
 from fedlearn.protocol.params import ModelVector, ParamSpec
 from fedlearn.registry import lookup
@@ -219,12 +221,29 @@ def privacy_seed(config: RunConfig, purpose: str) -> int | None:
 
 
 def client_policy(config: RunConfig) -> ClientPolicy:
-    """What this run's clients require of every task, whatever the server asks (their own privacy policy)."""
+    """What this run's clients require of every task, whatever the server asks (their own privacy policy):
+    their own clip and noise under local DP and DP-SGD, and their own clip under central DP. Under local DP
+    and DP-SGD, where the server is the party the noise protects against, they also keep their train loss."""
     if config.dp == "local":
         config = resolve_privacy(config)
         return ClientPolicy([Clip(Clip.Config(config.clip_norm)),
-                             GaussianNoise(GaussianNoise.Config(config.noise_multiplier * config.clip_norm))])
+                             GaussianNoise(GaussianNoise.Config(config.noise_multiplier * config.clip_norm))],
+                            withheld=UNNOISED_METRICS, budget=client_budget(config))
+    if config.dp == "dpsgd":
+        config = resolve_privacy(config)
+        hook = DPSGDHook(DPSGDHook.Config(clip=config.clip_norm, noise_multiplier=config.noise_multiplier,
+                                          delta=config.delta, accountant=config.accountant))
+        return ClientPolicy(hooks={"dpsgd": hook}, withheld=UNNOISED_METRICS, budget=client_budget(config))
+    if config.dp == "central":
+        return ClientPolicy([Clip(Clip.Config(config.clip_norm))])
     return ClientPolicy()
+
+
+def client_budget(config: RunConfig) -> ClientBudget | None:
+    """The client's own budget from its own (privacy-resolved) config, or None without --client-budget."""
+    if config.client_budget is None:
+        return None
+    return ClientBudget(config.client_budget, config.delta, config.dp, config.noise_multiplier, config.accountant)
 
 
 def client_app(config: RunConfig, model: torch.nn.Module, clients: dict[str, ClientData], task: str, *,
@@ -254,7 +273,7 @@ def secure_round(config: RunConfig, strategy: Strategy,
         return HomomorphicRound(str(Path(config.he_keys) / "public.ctx"), config.he_key_holder, clip=clip,
                                 max_weight=max_weight, bits=min(config.secagg_bits, HE_BITS))
     settings = SecAggSettings(config.secure_aggregation, config.secagg_threshold, config.secagg_bits, clip,
-                              config.secagg_neighbours, max_weight)
+                              config.secagg_neighbours, max_weight, seeded=config.seeded_privacy)
     settings.check(strategy)
     return SecureAggregationRound(settings)
 

@@ -18,6 +18,7 @@ import yaml
 from fedlearn.errors import CheckpointError, ConfigError
 from fedlearn.registry import shown
 from fedlearn.run.config import RunConfig, load_config_file
+from fedlearn.run.publication import public_partition, public_row
 from fedlearn.server.checkpoint import disk_error, write_fsynced
 
 CONFIG = "config.yaml"
@@ -94,6 +95,7 @@ class RunDir:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        self.withheld: tuple[str, ...] = ()  # row keys the run does not publish (publication.withheld)
 
     def create(self) -> bool:
         """Make (or check) the folder of a new run before anything is built; True when this call made it.
@@ -134,7 +136,7 @@ class RunDir:
         _write_atomic(self.path / CONFIG, text)
         _write_atomic(self.path / STARTED, _STARTED_HEADER + text)
         if partition:  # a gRPC server does not know its clients' data
-            _write_atomic(self.path / PARTITION, json.dumps(partition, indent=1))
+            _write_atomic(self.path / PARTITION, json.dumps(public_partition(partition, config), indent=1))
         (self.path / METRICS).write_text("")
 
     def load_config(self) -> RunConfig:
@@ -188,14 +190,14 @@ class RunDir:
     def append_metrics(self, row: dict[str, Any]) -> None:
         try:
             with open(self.path / METRICS, "a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(json.dumps(public_row(row, self.withheld)) + "\n")
                 f.flush()
         except OSError as exc:  # the checkpoint holds the row; --resume rewrites metrics.jsonl from it
             raise disk_error("append to", self.path / METRICS, exc) from None
 
     def rewrite_metrics(self, history: list[dict[str, Any]]) -> None:
         """Make metrics.jsonl match the checkpoint's history exactly (drops a half-written round)."""
-        _write_atomic(self.path / METRICS, "".join(json.dumps(r) + "\n" for r in history))
+        _write_atomic(self.path / METRICS, "".join(json.dumps(public_row(r, self.withheld)) + "\n" for r in history))
 
     def finish(self, summary: dict[str, Any], model: torch.nn.Module, history: list[dict[str, Any]]) -> None:
         """Write summary.json, the final model's state_dict and the learning curves."""
@@ -204,7 +206,8 @@ class RunDir:
             os.replace(write_fsynced(model.state_dict(), self.path, MODEL), self.path / MODEL)
         except OSError as exc:
             raise disk_error("write", self.path / MODEL, exc) from None
-        plot_curves(history, self.path / CURVES, summary.get("final_metric", "accuracy"))
+        plot_curves([public_row(r, self.withheld) for r in history], self.path / CURVES,
+                    summary.get("final_metric", "accuracy"))
 
 
 def changed_settings(started: RunConfig, now: RunConfig) -> list[tuple[str, Any, Any]]:

@@ -12,6 +12,7 @@ from fedlearn.errors import ConfigError
 from fedlearn.metrics import BINARY_KEYS
 from fedlearn.run.config import RunConfig
 from fedlearn.run.experiment import Experiment, RuntimeFactory, build_experiment, resolve_clients, resolve_privacy
+from fedlearn.run.publication import publication_note, withheld
 from fedlearn.run.rundir import RunDir, check_output, default_run_dir
 from fedlearn.server.loop import RoundCallback
 
@@ -45,6 +46,7 @@ def prepare_run(
         else:
             run_dir, created = RunDir(default_run_dir()), True
         config = config.updated({"output": str(run_dir.path)}).validate()
+    run_dir.withheld = withheld(config)
     callbacks = [run_dir.append_metrics, *callbacks]
     try:
         experiment = build_experiment(config, runtime=runtime, checkpoint_path=run_dir.checkpoint,
@@ -122,6 +124,7 @@ def finish_run(experiment: Experiment, run_dir: RunDir, wall_seconds: float) -> 
     privacy = getattr(experiment.loop.strategy, "privacy_summary", None)
     if privacy is not None:
         summary.update(privacy())
+    summary.update(publication_note(config))
     if config.seeded_privacy:
         summary["private"] = False
         summary["private_why"] = ("seeded_privacy: noise, masks and rounding came from the run seed (a simulation "

@@ -11,6 +11,7 @@ the same allow-list question for the runtime (it keeps no state for ids it would
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Collection
@@ -29,6 +30,9 @@ MISSING_TOKEN_HINT = "pass --token-file (the operator makes one with `fedlearn t
 
 
 
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+
 class RefusalLog:
     """Logs refused calls without letting a flood fill the disk: the first of each reason at once, then at most
     one summary line per reason every ``interval`` seconds, with how many were refused since."""
@@ -41,16 +45,17 @@ class RefusalLog:
 
     def note(self, reason: str, peer: str) -> None:
         now = time.monotonic()
+        kind = _QUOTED.sub("'...'", reason)  # one kind per message, whatever id or token it quotes
         with self._lock:
-            if len(self._last) > 1000:  # reasons quote ids: keep the table bounded under a flood of them
+            if len(self._last) > 1000:  # keep the table bounded, whatever the reasons
                 self._last.clear()
                 self._pending.clear()
-            last = self._last.get(reason)
+            last = self._last.get(kind)
             if last is not None and now - last < self.interval:
-                self._pending[reason] = self._pending.get(reason, 0) + 1
+                self._pending[kind] = self._pending.get(kind, 0) + 1
                 return
-            self._last[reason] = now
-            count = self._pending.pop(reason, 0)
+            self._last[kind] = now
+            count = self._pending.pop(kind, 0)
         log.warning("refused a call from %s: %s%s", peer, reason,
                     f" (and {count} more like it in the last {self.interval:g} s)" if count else "")
 

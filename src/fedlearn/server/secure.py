@@ -45,6 +45,7 @@ class SecAggSettings:
     clip: float = 1.0
     neighbours: int | None = None
     max_weight: int = 1
+    seeded: bool = False  # the neighbour graph from the run seed (seeded privacy only); else fresh CSPRNG bits
 
     def check(self, strategy: Strategy) -> None:
         if self.mode not in MODES:
@@ -120,7 +121,7 @@ class SecureAggregationRound:
         degree = None if s.mode == "secagg" else (s.neighbours or default_degree(len(ids)))
         threshold = max(2, min(resolve_threshold(s.threshold, len(ids)), len(ids)))
         server = SecAggServer(rnd, ids, fixed_point, threshold=threshold,
-                              degree=degree, seed=derive_seed(seed, rnd, "secagg-graph"))
+                              degree=degree, seed=derive_seed(seed, rnd, "secagg-graph") if s.seeded else None)
         by_client = {t.client_id: t for t in tasks}
         try:
             replies = self._exchange(runtime, rnd, "secagg-advertise", {cid: {} for cid in ids}, out)

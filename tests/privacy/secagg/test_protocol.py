@@ -194,5 +194,30 @@ def test_neighbour_graph_is_symmetric_regular_and_seeded():
 def test_threshold_forms():
     assert resolve_threshold(0.6, 20) == 12
     assert resolve_threshold(12, 20) == 12
-    with pytest.raises(Exception, match="secagg-threshold"):
-        resolve_threshold(1.5, 20)
+    assert resolve_threshold(2, 20) == resolve_threshold(0.51, 20) == 11  # always more than half
+    for bad in (1.5, 0.5, 0.3):
+        with pytest.raises(Exception, match="secagg-threshold"):
+            resolve_threshold(bad, 20)
+    with pytest.raises(Exception, match="more than half"):
+        SecAggServer(1, [f"c{i}" for i in range(10)], FixedPoint(32, 1.0, 10, 1, 4), threshold=5)
+
+
+def test_a_client_refuses_a_threshold_of_half_its_holders_or_less():
+    """An active server asking for t <= k/2 could collect a client's mask key from one half of its holders and its
+    self seed from the other, and unmask its input: the client shares nothing then."""
+    clients = {c: SecAggClient(c, 1) for c in "abcd"}
+    peers = {c: {"x": i + 1, **client.advertise()} for i, (c, client) in enumerate(clients.items())}
+    for threshold in (1, 2):
+        with pytest.raises(SecAggProtocolError, match="must exceed half"):
+            clients["a"].share_keys({"threshold": threshold, "peers": peers})
+    assert clients["a"].share_keys({"threshold": 3, "peers": peers})["ciphertexts"]
+
+
+def test_the_neighbour_graph_is_fresh_randomness_not_the_run_seed():
+    ids = [f"c{i:02d}" for i in range(30)]
+    graphs = []
+    for _ in range(2):
+        server = SecAggServer(1, ids, FixedPoint(32, 1.0, 30, 1, 4), threshold=20, degree=6)  # no seed
+        server.receive_keys({c: SecAggClient(c, 1).advertise() for c in ids})
+        graphs.append(server.graph)
+    assert graphs[0] != graphs[1]  # equal with probability ~1e-30

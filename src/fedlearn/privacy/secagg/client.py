@@ -83,8 +83,11 @@ class SecAggClient:
                 peers):
             raise SecAggProtocolError("secure aggregation: the server relayed duplicate keys")
         threshold = int(request["threshold"])
-        if not 2 <= threshold <= len(peers):
-            raise SecAggProtocolError(f"secure aggregation: threshold {threshold} is unsafe for {len(peers)} holders")
+        # More than half of the holders: otherwise two disjoint sets of them could each reach the threshold, one
+        # revealing the mask key and the other the self seed of the same client (Bell et al. require t > (k+1)/2).
+        if not (2 <= threshold <= len(peers) and 2 * threshold > len(peers)):
+            raise SecAggProtocolError(f"secure aggregation: threshold {threshold} is unsafe for {len(peers)} holders "
+                                      f"(it must exceed half of them)")
         self._peers, self._x = peers, me["x"]
         xs = [p["x"] for p in peers.values()]
         s_shares = shamir.split(shamir.to_int(crypto.private_bytes(self._s_key)), threshold, xs)

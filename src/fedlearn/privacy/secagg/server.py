@@ -8,6 +8,7 @@ survivor, the mask key of a dropout): enough to remove the masks from the sum, n
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -25,19 +26,24 @@ class SecAggAborted(FedLearnError):
 
 
 def resolve_threshold(threshold: float, num_clients: int) -> int:
-    """``threshold`` < 1 is a fraction of the sampled clients; >= 2 is an absolute count."""
-    if 0 < threshold < 1:
-        return max(2, math.ceil(threshold * num_clients - 1e-9))
+    """``threshold`` < 1 is a fraction of the sampled clients; >= 2 is an absolute count. Either way it is raised to
+    more than half of them: with half or fewer, the server could collect one client's two secrets from two disjoint
+    sets of holders and learn its input."""
+    if 0.5 < threshold < 1:
+        return max(2, math.ceil(threshold * num_clients - 1e-9), num_clients // 2 + 1)
     if threshold >= 2 and float(threshold).is_integer():
-        return int(threshold)
-    raise FedLearnError(f"--secagg-threshold must be a fraction in (0, 1) or a count >= 2; got {threshold}")
+        return max(int(threshold), num_clients // 2 + 1)
+    raise FedLearnError(f"--secagg-threshold must be a fraction in (0.5, 1) or a count >= 2; got {threshold}")
 
 
 class SecAggServer:
     """One round. Stages: advertised -> shared -> masked inputs (add_input) -> unmask -> the sum."""
 
     def __init__(self, round: int, client_ids: Sequence[str], fixed_point: FixedPoint, *, threshold: int,
-                 degree: int | None = None, seed: int = 0) -> None:
+                 degree: int | None = None, seed: int | None = None) -> None:
+        if 2 * threshold <= len(client_ids) or threshold < 2:
+            raise FedLearnError(f"secure aggregation threshold {threshold} of {len(client_ids)} clients: it must be "
+                                "at least 2 and more than half of them")
         self.round = round
         self.sampled = list(client_ids)
         self.fixed_point = fixed_point
@@ -68,9 +74,12 @@ class SecAggServer:
         alive = sorted(self.keys)
         self._require(alive, "key advertisement")
         self.x = {cid: i + 1 for i, cid in enumerate(alive)}
-        self.graph = neighbour_graph(alive, self.degree, self.seed)
+        # The graph is drawn after the keys are in, from the CSPRNG unless a seed is given (seeded privacy): nobody
+        # can place themselves as a client's neighbours in advance.
+        self.graph = neighbour_graph(alive, self.degree, secrets.randbits(64) if self.seed is None else self.seed)
         holders = len(next(iter(self.graph.values()))) + 1
-        self.local_threshold = max(2, min(holders, math.ceil(self.threshold * holders / len(alive) - 1e-9)))
+        self.local_threshold = max(2, min(holders, math.ceil(self.threshold * holders / len(alive) - 1e-9)),
+                                   holders // 2 + 1)
         requests = {}
         for cid in alive:
             group = sorted(self.graph[cid] | {cid})
