@@ -277,8 +277,9 @@ def test_central_dp_budget_stop_over_grpc_ends_at_the_simulations_round(tmp_path
     dp = ["--dp", "central", "--noise-multiplier", "2.0", "--clip-norm", "0.05", "--target-epsilon", "3",
           "--target-mode", "stop", "--rounds", "40"]
     grpc_rows = run_federation(procs, tmp_path, cfg, cfg, 4, *dp)
-    # under central DP the cohort's size and ids are not published (only what epsilon covers)
-    assert all(r["aggregated"] and "clients_succeeded" not in r for r in grpc_rows), grpc_rows
+    # under central DP the cohort's size and ids are not published (only what epsilon covers); the Poisson
+    # coins are secret, so a round may sample nobody (1 in 16 here) and the rounds differ from the simulation's
+    assert not any({"clients_sampled", "clients_succeeded", "failed_clients"} & set(r) for r in grpc_rows)
     assert main(["run", "--quiet", "--config", str(cfg), *dp, "--output", str(tmp_path / "sim")]) == 0
     sim_rows = rows(tmp_path / "sim")
     assert [r["round"] for r in sim_rows] == [1, 2, 3, 4]
