@@ -211,3 +211,30 @@ def test_the_key_holder_decrypts_only_the_rounds_sum_of_the_clients_it_names(ckk
     honest_folder = tmp_path / "honest"
     shutil.copytree(keys, honest_folder)
     assert torch.equal(_ask(honest_folder, request).blob, reply.blob)  # the same request, unforged: answered
+
+
+def test_he_keys_serve_one_run_only(tmp_path) -> None:
+    """Keys are new for every run: the first run to use a key folder is recorded in it, and a second is refused."""
+    from fedlearn.errors import ConfigError
+
+    keys = tmp_path / "keys"
+    he.generate_keys(keys)
+    SecureClients(keys).bind_run("run-a")
+    SecureClients(keys).bind_run("run-a")  # the same run again (a restart or --resume): fine
+    with pytest.raises(ConfigError, match="served run run-a; every run needs new keys: `fedlearn he keygen"):
+        SecureClients(keys).bind_run("run-b")
+    SecureClients(None).bind_run("run-b")  # no HE: nothing to bind
+
+
+def test_a_second_simulated_run_with_the_same_keys_is_refused(tmp_path, capsys) -> None:
+    from fedlearn.cli import main
+
+    keys = tmp_path / "keys"
+    he.generate_keys(keys)
+    args = ["run", "--quiet", "--he", "ckks", "--he-keys", str(keys), "--rounds", "1", "--clients", "3",
+            "--model", "mcmahan-2nn", "--local-epochs", "1"]
+    assert main([*args, "--output", str(tmp_path / "first")]) == 0
+    assert main([*args, "--output", str(tmp_path / "second")]) == 2
+    assert "every run needs new keys" in capsys.readouterr().err
+    assert not (tmp_path / "second").exists()  # the refused run leaves no folder behind
+    assert main(["run", "--quiet", "--resume", str(tmp_path / "first"), "--rounds", "2"]) == 0  # its own run: fine

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedlearn.errors import InvalidUpdateError
+from fedlearn.errors import ConfigError, InvalidUpdateError
 from fedlearn.privacy import sum_check
 from fedlearn.privacy.secagg.client import SecAggClient, SecAggProtocolError
 from fedlearn.privacy.secagg.encoding import FixedPoint
@@ -38,6 +38,24 @@ class SecureClients:
         self._secret_context = None
         self._group_key: bytes | None = None
         self._burned = False
+
+    def bind_run(self, run_id: str) -> None:
+        """Use the HE key folder for run ``run_id`` only: the first run to use it is recorded in it (``RUN_FILE``),
+        and a later run is refused, so every run has new keys. Without a key folder nothing happens."""
+        if self.he_keys is None or not self.he_keys.is_dir():
+            return
+        record = self.he_keys / sum_check.RUN_FILE
+        try:
+            used = record.read_text().strip() if record.exists() else None
+            if used is None:
+                record.write_text(run_id + "\n")
+                return
+        except OSError as exc:
+            raise ConfigError(f"homomorphic encryption: cannot record this run in {record} ({exc.strerror or exc}); "
+                              "give --he-keys a writable folder") from None
+        if used != run_id:
+            raise ConfigError(f"homomorphic encryption: the keys in {self.he_keys} served run {used[:40]}; every run "
+                              "needs new keys: `fedlearn he keygen --dir NEW_FOLDER`, then --he-keys NEW_FOLDER")
 
     def handle(self, task: SecureTask) -> SecureReply:
         """Answer one protocol step; a step out of order or against the protocol raises SecAggProtocolError."""

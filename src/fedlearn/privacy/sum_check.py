@@ -33,6 +33,7 @@ from fedlearn.errors import ConfigError, FedLearnError
 
 GROUP_KEY_FILE = "group.key"
 BURNED_FILE = "BURNED"
+RUN_FILE = "RUN"  # the run these keys serve: a client refuses them for any other run
 CHECK_SLOTS = 8
 CHECK_BITS = 16
 MIN_CONTRIBUTORS = 2  # a "sum" of one is that client's update

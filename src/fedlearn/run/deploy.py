@@ -296,6 +296,7 @@ def run_client(
         # This client's own state (SCAFFOLD's control, ...) survives a restart in its own folder, one per run:
         # another run (or a server started afresh) never sees a control variate made for a different model.
         app.state = ClientStateStore.open_latest(state_root / _safe(run_id))
+        app.secure.bind_run(run_id)  # HE keys serve one run: a second run with them is refused
         logging.getLogger("fedlearn.client").info("client state in %s (%d entries)", state_root / _safe(run_id),
                                                   len(app.state))
 

@@ -302,7 +302,12 @@ def build_experiment(
     if runtime is None:
         clients, info = build_clients(config, bundle)
         state = ClientStateStore(Path(checkpoint_path).parent / "client_state" if checkpoint_path else None)
-        client_runtime: Runtime = InProcessRuntime(client_app(config, model, clients, task, state=state))
+        app = client_app(config, model, clients, task, state=state)
+        if checkpoint_path and config.he != "none":  # the simulated clients' HE keys serve this run only
+            from fedlearn.run.rundir import RunDir
+
+            app.secure.bind_run(RunDir(Path(checkpoint_path).parent).run_id)
+        client_runtime: Runtime = InProcessRuntime(app)
     else:
         clients, info = {}, []
         client_runtime = runtime(config, vector.spec)

@@ -117,10 +117,11 @@ class RunDir:
         return not existed
 
     def discard_if_unused(self) -> None:
-        """Remove the folder again if it holds no file (a new run that failed while being built)."""
+        """Remove the folder again if it holds no file but its run id (a new run that failed while being built)."""
         try:
-            if any(p.is_file() for p in self.path.rglob("*")):
+            if any(p.is_file() and p != self.path / RUN_ID for p in self.path.rglob("*")):
                 return
+            (self.path / RUN_ID).unlink(missing_ok=True)
             for sub in sorted(self.path.rglob("*"), key=lambda p: len(p.parts), reverse=True):
                 sub.rmdir()
             self.path.rmdir()
