@@ -145,9 +145,11 @@ def test_run_reports_epsilon_every_round_from_the_accountant(tmp_path: Path) -> 
     assert (summary["delta"], summary["noise_multiplier"], summary["clip_norm"], summary["accountant"]) == (
         pytest.approx(delta), 1.1, 0.5, "rdp")
     # Nothing unnoised is published: no train loss, no realised cohort size or ids, no label histograms.
-    withheld = {"train_loss", "clients_sampled", "clients_succeeded", "failed_clients"}
+    withheld = {"train_loss", "clients_sampled", "clients_succeeded", "failed_clients", "bytes_up", "bytes_down",
+                "seconds"}  # bytes and seconds count the cohort as surely as its size
     assert all(not withheld & set(r) for r in rows) and "test_accuracy" in rows[-1]
     assert set(summary["not_published"]) >= withheld and "epsilon_covers" in summary
+    assert not {"bytes_up", "bytes_down", "round_seconds"} & set(summary)
     partition = json.loads((out / "partition.json").read_text())
     assert len(partition) == 20 and not any("label_counts" in p or "test_label_counts" in p for p in partition)
 

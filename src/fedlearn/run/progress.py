@@ -94,6 +94,7 @@ class RunProgress:
             if f"final_{key}" in summary:
                 table.add_row(f"final {key.replace('_', ' ')}", _fmt(summary[f"final_{key}"]))
         table.add_row("wall seconds", f"{summary['wall_seconds']:.1f}")
-        table.add_row("MB up / down", f"{summary['bytes_up'] / 1e6:.1f} / {summary['bytes_down'] / 1e6:.1f}")
+        if "bytes_up" in summary:  # not published under central DP (it counts who took part)
+            table.add_row("MB up / down", f"{summary['bytes_up'] / 1e6:.1f} / {summary['bytes_down'] / 1e6:.1f}")
         table.add_row("run directory", summary["run_dir"])
         Console().print(table)

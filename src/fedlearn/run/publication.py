@@ -2,8 +2,9 @@
 
 The model and the noised aggregate are covered. The statistics below are exact functions of clients' data that no
 noise touches, so a DP run does not publish them (the operator's own log still shows its server's view):
-- central DP: the mean train loss, and who and how many took part (add/remove-one adjacency makes the realised
-  count sensitive; DP-FedAvg divides by the expected count to hide it);
+- central DP: the mean train loss, and who and how many took part, with what counts it (bytes moved, a round's
+  seconds): add/remove-one adjacency makes the realised count sensitive, and DP-FedAvg divides by the expected
+  count to hide it;
 - local DP and DP-SGD: the mean train loss;
 - every DP mode: the per-client label histograms of a simulation's partition.
 """
@@ -14,8 +15,11 @@ from typing import Any
 
 from fedlearn.run.config import RunConfig
 
+# Who and how many took part, and what gives it away: each upload is one model's size, and a round's time grows
+# with its cohort.
 PARTICIPATION = ("clients_sampled", "clients_succeeded", "failed_clients", "fed_failed_clients", "updates_scaled",
-                 "updates_refused")
+                 "updates_refused", "bytes_up", "bytes_down", "seconds")
+SUMMARY_PARTICIPATION = ("bytes_up", "bytes_down", "round_seconds")
 WITHHELD = {"central": ("train_loss", *PARTICIPATION), "local": ("train_loss",), "dpsgd": ("train_loss",)}
 LABEL_HISTOGRAMS = ("label_counts", "test_label_counts")
 
@@ -37,9 +41,13 @@ def public_partition(partition: list[dict[str, Any]], config: RunConfig) -> list
     return [{k: v for k, v in client.items() if k not in LABEL_HISTOGRAMS} for client in partition]
 
 
-def publication_note(config: RunConfig) -> dict[str, Any]:
-    """What summary.json says epsilon covers, under DP; empty otherwise."""
+def public_summary(summary: dict[str, Any], config: RunConfig) -> dict[str, Any]:
+    """summary.json as published: under DP it says what epsilon covers and what is not published; under central
+    DP it also drops the totals that count participation (bytes, round seconds)."""
     if config.dp == "none":
-        return {}
-    return {"epsilon_covers": "the model and every published metric; unnoised statistics are not published",
-            "not_published": [*withheld(config), "partition label histograms"]}
+        return summary
+    dropped = SUMMARY_PARTICIPATION if config.dp == "central" else ()
+    out = {k: v for k, v in summary.items() if k not in dropped}
+    out["epsilon_covers"] = "the model and every published metric; unnoised statistics are not published"
+    out["not_published"] = [*withheld(config), *dropped, "partition label histograms"]
+    return out

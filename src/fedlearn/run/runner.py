@@ -12,7 +12,7 @@ from fedlearn.errors import ConfigError
 from fedlearn.metrics import BINARY_KEYS
 from fedlearn.run.config import RunConfig
 from fedlearn.run.experiment import Experiment, RuntimeFactory, build_experiment, resolve_clients, resolve_privacy
-from fedlearn.run.publication import publication_note, withheld
+from fedlearn.run.publication import public_summary, withheld
 from fedlearn.run.rundir import RunDir, check_output, default_run_dir
 from fedlearn.server.loop import RoundCallback
 
@@ -124,7 +124,7 @@ def finish_run(experiment: Experiment, run_dir: RunDir, wall_seconds: float) -> 
     privacy = getattr(experiment.loop.strategy, "privacy_summary", None)
     if privacy is not None:
         summary.update(privacy())
-    summary.update(publication_note(config))
+    summary = public_summary(summary, config)
     if config.seeded_privacy:
         summary["private"] = False
         summary["private_why"] = ("seeded_privacy: noise, masks and rounding came from the run seed (a simulation "
