@@ -196,9 +196,10 @@ def test_the_key_holder_decrypts_only_the_rounds_sum_of_the_clients_it_names(ckk
         "the sum plus a half": ({}, _summed(public, split_blob(request.blob, request.data["chunk_sizes"]),
                                             he.encrypt_vector(public, offset))),
         "a repeated contributor": ({"contributors": ["c0", "c0", "c1", "c2"]}, None),
+        "64-bit sums": ({"fixed_point": {**request.data["fixed_point"], "bits": 64}}, None),
     }
     expected = {"one client's update as itself": "at least 2", "the sum plus a half": "does not decrypt to integers",
-                "a repeated contributor": "distinct client ids"}
+                "a repeated contributor": "distinct client ids", "64-bit sums": "more than CKKS adds exactly"}
     for case, (changes, chunks) in forgeries.items():
         folder = tmp_path / case.replace(" ", "-").replace("'", "")
         shutil.copytree(keys, folder)

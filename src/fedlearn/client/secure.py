@@ -123,6 +123,8 @@ class SecureClients:
             self._secret_context = he.load_secret_context(self._he_file("secret.ctx"))
         try:
             fixed_point = FixedPoint.from_dict(task.data["fixed_point"])
+            if fixed_point.bits > sum_check.MAX_BITS:  # larger sums could round differently with CKKS's error
+                raise sum_check.SumCheckError(f"{fixed_point.bits}-bit sums are more than CKKS adds exactly")
             length = fixed_point.length + fixed_point.extras
             if task.data.get("length") != length + sum_check.CHECK_SLOTS:
                 raise sum_check.SumCheckError("the decryption request's length does not match its fixed point")

@@ -38,6 +38,7 @@ CHECK_SLOTS = 8
 CHECK_BITS = 16
 MIN_CONTRIBUTORS = 2  # a "sum" of one is that client's update
 INTEGER_TOLERANCE = 0.125  # an honest sum decrypts within ~2e-3 of its integers (ckks_error_bound, FixedPoint bits)
+MAX_BITS = 30  # CKKS adds integers below 2^30 within 1.1e-3 of exact; above, its float error could reach the rounding
 KEY_BYTES = 32
 
 

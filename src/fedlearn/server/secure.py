@@ -32,7 +32,7 @@ from fedlearn.strategies.base import Aggregator, Strategy
 log = logging.getLogger(__name__)
 
 MODES = ("secagg", "secagg+")
-HE_BITS = 30  # CKKS adds integers below 2^30 within 2e-3 of exact (ckks_error_bound): far inside the 1/8 tolerance
+HE_BITS = sum_check.MAX_BITS  # CKKS adds integers below 2^30 within 1.1e-3 of exact: far inside the 1/8 tolerance
 
 
 @dataclass(frozen=True)
