@@ -447,3 +447,15 @@ def test_a_dp_round_where_every_client_fails_still_releases_noise() -> None:
     plain.strategy.transforms.append(Clip(Clip.Config(1.0)))
     assert not plain.run_round()["aggregated"]
     assert torch.equal(plain.weights, plain_start)
+
+
+def test_adaptive_clipping_can_raise_the_norm_without_clients_refusing(tmp_path: Path, caplog) -> None:
+    # Clients under central DP trust the server's clip: a client-side floor once refused every raised norm.
+    out = tmp_path / "run"
+    with caplog.at_level("WARNING"):
+        assert main(["run", *FAST, "--dp", "central", "--fraction", "0.5", "--noise-multiplier", "1.0",
+                     "--clip-norm", "0.01", "--adaptive-clip-quantile", "0.9", "--rounds", "3",
+                     "--output", str(out)]) == 0
+    norms = [r["clip_norm"] for r in _rows(out)]
+    assert norms[0] == 0.01 and norms[-1] > norms[0]  # far below every update norm, C goes up
+    assert "weaker than this client's policy" not in caplog.text

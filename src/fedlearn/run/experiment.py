@@ -222,8 +222,8 @@ def privacy_seed(config: RunConfig, purpose: str) -> int | None:
 
 def client_policy(config: RunConfig) -> ClientPolicy:
     """What this run's clients require of every task, whatever the server asks (their own privacy policy):
-    their own clip and noise under local DP and DP-SGD, and their own clip under central DP. Under local DP
-    and DP-SGD, where the server is the party the noise protects against, they also keep their train loss."""
+    under local DP and DP-SGD, where the server is the party the noise protects against, their own clip and
+    noise and budget, and they keep their train loss."""
     if config.dp == "local":
         config = resolve_privacy(config)
         return ClientPolicy([Clip(Clip.Config(config.clip_norm)),
@@ -234,9 +234,7 @@ def client_policy(config: RunConfig) -> ClientPolicy:
         hook = DPSGDHook(DPSGDHook.Config(clip=config.clip_norm, noise_multiplier=config.noise_multiplier,
                                           delta=config.delta, accountant=config.accountant))
         return ClientPolicy(hooks={"dpsgd": hook}, withheld=UNNOISED_METRICS, budget=client_budget(config))
-    if config.dp == "central":
-        return ClientPolicy([Clip(Clip.Config(config.clip_norm))])
-    return ClientPolicy()
+    return ClientPolicy()  # central DP trusts the server, which clips again (adaptively, when asked) and noises
 
 
 def client_budget(config: RunConfig) -> ClientBudget | None:
