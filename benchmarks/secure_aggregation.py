@@ -188,7 +188,7 @@ def training_rounds(data_dir: str, keys: Path, repeats: int, modes: list[str],
         if mode == "plain":
             sums = None
         elif mode == "ckks":
-            sums = HomomorphicRound(str(keys / "public.ctx"))
+            sums = HomomorphicRound(str(keys / "public.ctx"), clip=1.0, max_weight=max_weight)  # as SecAgg
         else:
             settings = SecAggSettings(mode, 2 / 3, 32, 1.0, None, max_weight)
             settings.check(strategy)
