@@ -190,7 +190,7 @@ def test_ckks_server_holds_no_secret_key(he_keys):
     assert not secure.context.is_private()
     assert not context_holds_secret_key(secure.context.serialize(save_secret_key=True))  # nothing to save
     with pytest.raises(ConfigError, match="secret key"):
-        HomomorphicRound(str(he_keys / "secret.ctx"))
+        HomomorphicRound(str(he_keys / "secret.ctx"), max_weight=40)
 
 
 def test_ckks_round_without_a_key_holder_keeps_the_weights(he_keys, tmp_path, caplog):

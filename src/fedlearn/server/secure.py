@@ -199,8 +199,8 @@ class HomomorphicRound:
 
     name = "ckks"
 
-    def __init__(self, public_context_path: str, key_holder: str | None = None, *, clip: float = 1.0,
-                 max_weight: int = 1, bits: int = HE_BITS) -> None:
+    def __init__(self, public_context_path: str, key_holder: str | None = None, *, max_weight: int,
+                 clip: float = 1.0, bits: int = HE_BITS) -> None:
         self.context = he.load_public_context(public_context_path)  # refuses a context holding the secret key
         self.key_holder = key_holder
         if not 8 <= bits <= HE_BITS:
