@@ -263,6 +263,12 @@ def test_a_dpsgd_client_runs_its_own_dp_sgd_and_keeps_its_train_loss() -> None:
     assert "epsilon" in result.metrics and "train_loss" not in result.metrics  # DP-SGD ran; the loss stayed home
     plain = ClientApp(trainer, data)(plain_task)
     assert "train_loss" in plain.metrics and "epsilon" not in plain.metrics
+    # Local DP too: what crosses to the server (the encoded result) carries no train loss.
+    from fedlearn.protocol.codec import decode, encode
+
+    local = client_policy(RunConfig(dp="local", clip_norm=0.5, noise_multiplier=1.0, clients=4))
+    sent = decode(encode(ClientApp(trainer, data, policy=local)(plain_task)))
+    assert sent.metrics.keys() <= {"below_clip"} and b"train_loss" not in encode(sent)
     weaker = TrainTask(1, "c0", plain_task.arrays, {**plain_task.config, "hooks": {"dpsgd": {
         "clip": 0.5, "noise_multiplier": 0.1, "delta": 1e-5, "accountant": "rdp"}}})
     with pytest.raises(TaskRefused, match="weaker"):

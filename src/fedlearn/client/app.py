@@ -11,6 +11,7 @@ comes from the OS's CSPRNG unless the simulation-only ``seeded_privacy`` seed is
 
 from __future__ import annotations
 
+import copy
 import logging
 import secrets
 from collections.abc import Mapping
@@ -72,8 +73,8 @@ class ClientPolicy:
             weaker = getattr(asked, "weaker_than", None)
             if asked is not None and weaker is not None and weaker(own):
                 raise TaskRefused(f"task asks for hook {name} weaker than this client's policy")
-            if asked is None:
-                requested = [*requested, own]
+            if asked is None:  # a copy per task: a hook keeps per-task state (its generator, batch sizes)
+                requested = [*requested, copy.copy(own)]
         return requested
 
 

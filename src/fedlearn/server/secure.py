@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 MODES = ("secagg", "secagg+")
 HE_BITS = sum_check.MAX_BITS  # CKKS adds integers below 2^30 within 1.1e-3 of exact: far inside the 1/8 tolerance
+MIN_CONTRIBUTORS = sum_check.MIN_CONTRIBUTORS  # SecAgg and HE alike
 
 
 @dataclass(frozen=True)
@@ -107,12 +108,8 @@ class SecureAggregationRound:
         s = self.settings
         out = SecureRoundOutcome()
         ids = [t.client_id for t in tasks]
-        if len(ids) < 2:  # a "sum" of one update is that update: nothing to hide it in
-            if ids:
-                out.aborted = f"secure aggregation round {rnd} aborted: only {len(ids)} client sampled"
-                out.traffic.failed = list(ids)
-                log.warning("round %d: %s", rnd, out.aborted)
-            return out
+        if len(ids) < MIN_CONTRIBUTORS:
+            return _too_few(out, rnd, ids, "sampled")
         uniform = strategy.weighting == "uniform"
         extras = tuple(strategy.secure_extras)
         length = sum(strategy.expected_arrays(loop.state).values())
@@ -222,7 +219,7 @@ class HomomorphicRound:
             aggregation: Aggregator, seed: int, loop: Any) -> SecureRoundOutcome:
         out = SecureRoundOutcome()
         ids = [t.client_id for t in tasks]
-        if len(ids) < sum_check.MIN_CONTRIBUTORS:
+        if len(ids) < MIN_CONTRIBUTORS:
             return _too_few(out, rnd, ids, "sampled")
         extras = list(strategy.secure_extras)
         length = sum(strategy.expected_arrays(loop.state).values())
@@ -242,7 +239,7 @@ class HomomorphicRound:
             answered.append(answer.client_id)
 
         out.traffic = collect(runtime, train, accept, rnd, "encrypted update")
-        if len(answered) < sum_check.MIN_CONTRIBUTORS:
+        if len(answered) < MIN_CONTRIBUTORS:
             return _too_few(out, rnd, ids, "answered", len(answered))
         holder = self.key_holder or answered[0]
         blob, sizes = join_blob(total.serialize())
@@ -277,8 +274,8 @@ def _too_few(out: SecureRoundOutcome, rnd: int, ids: list[str], what: str,
              count: int | None = None) -> SecureRoundOutcome:
     """Abort a round whose hidden sum would hold fewer than two clients: a sum of one is that client's update."""
     if ids:
-        out.aborted = (f"encrypted round {rnd} aborted: only {len(ids) if count is None else count} client(s) "
-                       f"{what}; the key holder decrypts sums of at least {sum_check.MIN_CONTRIBUTORS}")
+        out.aborted = (f"secure round {rnd} aborted: only {len(ids) if count is None else count} client(s) "
+                       f"{what}; a secure sum needs at least {MIN_CONTRIBUTORS}, or it is one client's update")
         out.traffic.failed = sorted(ids)
         log.warning("round %d: %s", rnd, out.aborted)
     return out

@@ -19,6 +19,7 @@ import torch
 
 from fedlearn.errors import CheckpointError, ConfigError, InvalidUpdateError
 from fedlearn.metrics import pool_federated
+from fedlearn.privacy.dp import PrivacyRandom
 from fedlearn.protocol.local import LocalConfig
 from fedlearn.protocol.messages import Arrays, EvalResult, EvalTask, TrainResult, TrainTask
 from fedlearn.registry import NoConfig, build
@@ -85,8 +86,6 @@ class PoissonSampler(Sampler):
     def sample(self, client_ids: Sequence[str], rnd: int, seed: int) -> list[str]:
         self.population = len(client_ids)
         if self.secret:
-            from fedlearn.privacy.dp import PrivacyRandom
-
             coins = PrivacyRandom().uniform(len(client_ids)).numpy()
         else:
             coins = np.random.default_rng([seed, rnd, 0x5EED]).random(len(client_ids))
