@@ -237,3 +237,56 @@ def test_fingerprint_stable_and_differs_across_architectures() -> None:
     assert ParamSpec.from_module(bn_net()).fingerprint() == ParamSpec.from_module(bn_net()).fingerprint()
     fp = ParamSpec.from_module(bn_net()).fingerprint()
     assert len(fp) == 16 and int(fp, 16) >= 0
+
+
+def test_float32_entries_share_one_buffer_that_training_writes_into() -> None:
+    """Parameters and float buffers become views of one flat buffer: load, read and delta are one pass, and
+    what an optimizer step and a BatchNorm forward write in place is what the vector reads."""
+    model = bn_net()
+    values = {k: v.clone() for k, v in model.state_dict().items()}
+    params = dict(model.named_parameters())
+    mv = ModelVector(model)
+    assert mv._shared() is not None
+    assert dict(model.named_parameters()) == params  # the same Parameter objects, re-pointed
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in values.items())  # values kept
+    start = mv.read()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.train()
+    F.cross_entropy(model(torch.randn(8, 1, 8, 8)), torch.arange(8)).backward()
+    optimizer.step()
+    state = model.state_dict()
+    expected = torch.cat([state[n].reshape(-1) for n in mv.spec.names])
+    assert torch.equal(mv.read(), expected)
+    assert not torch.equal(expected, start)
+    assert torch.equal(mv.delta(start), expected - start)
+    assert not torch.equal(model[1].running_mean, values["1.running_mean"])  # the buffer view was updated
+
+
+def test_moving_the_module_is_noticed_and_the_vector_stays_right() -> None:
+    model = bn_net()
+    mv = ModelVector(model)
+    model.double().float()  # new storage for every entry (new buffer objects): the shared buffer is stale
+    new = torch.randn(mv.spec.numel, generator=torch.Generator().manual_seed(2))
+    mv.load(new)
+    state = model.state_dict()
+    assert torch.equal(torch.cat([state[n].reshape(-1) for n in mv.spec.names]), new)
+    assert torch.equal(mv.read(), new) and torch.equal(mv.delta(new), torch.zeros_like(new))
+
+
+def test_mixed_dtypes_are_not_shared_and_still_round_trip() -> None:
+    model = Mixed()
+    mv = ModelVector(model)
+    assert mv._shared() is None  # a float64 buffer: per-tensor copies
+    new = torch.arange(mv.spec.numel, dtype=torch.float32) / 7
+    mv.load(new)
+    assert torch.equal(mv.read(), new)
+
+
+def test_a_reassigned_buffer_of_a_mixed_model_is_followed() -> None:
+    model = Mixed()
+    mv = ModelVector(model)
+    model.bias32 = torch.zeros(5)  # a new buffer object, as .to() makes
+    new = torch.arange(mv.spec.numel, dtype=torch.float32)
+    mv.load(new)
+    pieces = dict(zip(mv.spec.names, new.split(mv.spec.numels)))
+    assert torch.equal(model.state_dict()["bias32"], pieces["bias32"])

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from fedlearn.data.arrays import as_tensors
+from fedlearn.data.arrays import indexed_tensors
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -30,19 +30,21 @@ def iter_batches(
     hand-written PyTorch loop does; other datasets (e.g. torchvision with transforms) go
     through a single-process DataLoader using the same generator.
     """
-    tensors = as_tensors(dataset)
-    if tensors is not None:
-        x, y = tensors[0], (tensors[1].long() if targets is None else tensors[1])  # no copy when already int64
-        n = y.shape[0]
+    source = indexed_tensors(dataset)
+    if source is not None:
+        x, y, rows = source
+        n = y.shape[0] if rows is None else rows.shape[0]
         order = torch.randperm(n, generator=generator) if shuffle else None
         for start in range(0, n, batch_size):
             if order is None:
+                idx = None if rows is None else rows[start : start + batch_size]
+            else:
+                idx = order[start : start + batch_size] if rows is None else rows[order[start : start + batch_size]]
+            if idx is None:
                 xb, yb = x[start : start + batch_size], y[start : start + batch_size]
             else:
-                idx = order[start : start + batch_size]
                 xb, yb = x[idx], y[idx]
-            if targets is not None:
-                yb = targets(yb)
+            yb = yb.long() if targets is None else targets(yb)  # no copy when already int64
             yield xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
         return
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)

@@ -144,7 +144,7 @@ class LocalTrainer:
         ctx.num_examples = len(data.train)
         for hook in hooks:
             hook.end(ctx, self._shared)
-        update = self.vector.read().sub_(weights)
+        update = self.vector.delta(weights)
         if self._personal:
             ctx.new_state.update(self._personal_state())
         return LocalOutcome({"update": update, **ctx.uplink}, len(data.train), {"train_loss": loss, **ctx.metrics},

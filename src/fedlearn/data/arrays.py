@@ -30,6 +30,23 @@ class ArrayDataset(Dataset):
         return self.y
 
 
+def indexed_tensors(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """(inputs, labels, index) of a tensor-backed dataset without gathering it: the dataset's rows are
+    ``inputs[index]`` (all of them when ``index`` is None). None when it is not tensor-backed.
+
+    Training gathers each mini-batch straight from the full tensors through ``index``, so a client's share is
+    never copied out first (one pass over its rows fewer, and no per-client allocation).
+    """
+    if isinstance(dataset, Subset):
+        inner = indexed_tensors(dataset.dataset)
+        if inner is None:
+            return None
+        index = torch.as_tensor(dataset.indices, dtype=torch.long)
+        return inner[0], inner[1], index if inner[2] is None else inner[2][index]
+    tensors = as_tensors(dataset)
+    return None if tensors is None else (tensors[0], tensors[1], None)
+
+
 def as_tensors(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Return (inputs, labels) tensors when the dataset is tensor-backed, else None.
 

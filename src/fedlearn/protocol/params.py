@@ -87,23 +87,75 @@ def check_vector(vector: torch.Tensor, spec: ParamSpec) -> None:
 class ModelVector:
     """Moves weights between one nn.Module and flat vectors without walking a state_dict per call.
 
-    It keeps the module's floating state tensors in spec order; ``load`` copies a vector into
-    them in place and ``read`` concatenates them, so a simulation reuses one model for all clients.
+    It keeps the module's floating state tensors in spec order. When they are all float32 on one device, they
+    are re-pointed at slices of one contiguous buffer (the same Parameter objects, now views), so ``load`` is one
+    copy into it, ``read`` one clone and ``delta`` one subtraction: a simulation reuses one model for all
+    clients, and each client costs one pass over the weights instead of a gather and a scatter per tensor.
+    Moving the module afterwards (``.to(...)``) is noticed and the entries are gathered into a new buffer.
     """
 
     def __init__(self, module: nn.Module, personal: Sequence[str] = ()) -> None:
         self.module = module
         self.spec = ParamSpec.from_module(module, personal)
-        state = module.state_dict(keep_vars=True)
+        self._attach()
+
+    def _share_storage(self, module: nn.Module) -> torch.Tensor | None:
+        """One buffer holding every entry, the entries re-pointed at its slices; None when they cannot share one."""
+        tensors = self._tensors
+        if not tensors or any(t.dtype != torch.float32 or t.device != tensors[0].device for t in tensors):
+            return None
+        if len({id(t) for t in tensors}) != len(tensors):  # a tied weight appears twice: keep it as it is
+            return None
+        flat = torch.empty(self.spec.numel, dtype=torch.float32, device=tensors[0].device)
+        owners = dict(module.named_modules())
+        with torch.no_grad():
+            for i, (name, piece) in enumerate(zip(self.spec.names, flat.split(self.spec.numels))):
+                tensor = tensors[i]
+                view = piece.view(tensor.shape)
+                view.copy_(tensor)
+                if isinstance(tensor, nn.Parameter):
+                    tensor.data = view
+                else:  # a floating buffer (BatchNorm's running statistics): the module holds the view instead
+                    owner, _, leaf = name.rpartition(".")
+                    owners[owner]._buffers[leaf] = view
+                    tensors[i] = view
+        return flat
+
+    def _shared(self) -> torch.Tensor | None:
+        """The shared buffer, rebuilt from the module when an entry has moved (``.to(...)``, a reassigned buffer)."""
+        if (tuple(t.data_ptr() for t in self._tensors) != self._ptrs
+                or any(slots.get(leaf) is not t for slots, leaf, t in self._buffers)):
+            self._attach()
+        return self._flat
+
+    def _attach(self) -> None:
+        state = self.module.state_dict(keep_vars=True)
         self._tensors = [state[name] for name in self.spec.names]
+        self._flat = self._share_storage(self.module)
+        self._ptrs = tuple(t.data_ptr() for t in self._tensors)
+        owners = dict(self.module.named_modules())
+        self._buffers = [(owners[name.rpartition(".")[0]]._buffers, name.rpartition(".")[2], t)
+                         for name, t in zip(self.spec.names, self._tensors) if not isinstance(t, nn.Parameter)]
 
     def read(self) -> torch.Tensor:
         """The module's current weights as a new flat float32 vector on the CPU."""
         with torch.no_grad():
+            flat = self._shared()
+            if flat is not None:
+                return flat.clone() if flat.device.type == "cpu" else flat.to("cpu")
             return torch.cat([t.detach().reshape(-1).to("cpu", torch.float32) for t in self._tensors])
+
+    def delta(self, weights: torch.Tensor) -> torch.Tensor:
+        """The module's weights minus ``weights`` (a CPU float32 vector of the spec's size), as a new CPU vector."""
+        with torch.no_grad():
+            flat = self._shared()
+            if flat is not None and flat.device.type == "cpu":
+                return torch.sub(flat, weights)
+            return self.read().sub_(weights)
 
     def read_grad(self) -> torch.Tensor:
         """Gradients in spec order as one flat vector; entries without a gradient give zeros."""
+        self._shared()  # the module's current entries
         with torch.no_grad():
             return torch.cat(
                 [
@@ -116,7 +168,11 @@ class ModelVector:
         """Copy a flat vector into the module's weights in place."""
         check_vector(vector, self.spec)
         with torch.no_grad():
-            for tensor, piece in zip(self._tensors, vector.split(self.spec.numels)):
+            flat = self._shared()
+            if flat is not None:
+                flat.copy_(vector)
+                return
+            for tensor, piece in zip(self._tensors, vector.split(self.spec.numels)):  # entries as _shared found them
                 tensor.copy_(piece.view(tensor.shape))
 
 

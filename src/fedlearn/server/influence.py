@@ -30,6 +30,7 @@ import torch
 
 from fedlearn.errors import ConfigError, InvalidUpdateError
 from fedlearn.protocol.messages import Arrays
+from fedlearn.strategies.base import check_finite
 
 DEFAULT_FACTOR = 5.0
 REFUSE_BEYOND = 10.0  # an update over this many limits is refused, not scaled
@@ -57,10 +58,14 @@ class InfluenceBound:
 
     def apply(self, client_id: str, arrays: Arrays, limit: float) -> Arrays:
         """The arrays, scaled down together to ``limit`` if their norm is above it (the bounded norm is recorded);
-        InvalidUpdateError when the norm is more than ``REFUSE_BEYOND`` times the limit."""
+        InvalidUpdateError when an array holds NaN or Inf or the norm is more than ``REFUSE_BEYOND`` times the
+        limit (the plain round's only scan of the values: ``check_result`` leaves NaN/Inf to this norm)."""
         # float32 norms (a third of float64's time); one that overflows is inf, and refused
         norm = math.sqrt(sum(float(torch.linalg.vector_norm(a)) ** 2 for a in arrays.values()))
-        if norm > REFUSE_BEYOND * limit or math.isinf(norm):
+        if not math.isfinite(norm):
+            for name, a in arrays.items():
+                check_finite(client_id, name, a)  # NaN or Inf among the values: say so
+        if norm > REFUSE_BEYOND * limit or not math.isfinite(norm):
             self.refused += 1
             raise InvalidUpdateError(f"update from {client_id} has norm {norm:.4g}, over {REFUSE_BEYOND:g}x this "
                                      f"round's limit {limit:.4g} ({self.factor:g}x the previous median); refused")

@@ -66,7 +66,7 @@ class PlainSum:
             if not isinstance(answer, TrainResult):
                 raise InvalidUpdateError(f"{answer.client_id} answered a train task with a {type(answer).__name__}")
             answer = check_result(answer, task, expected, known=loop.declared(answer.client_id, 0),
-                                  ceiling=loop.max_examples)
+                                  ceiling=loop.max_examples, finite=bound is None)  # the bound's norm scans for NaN
             arrays = answer.arrays if bound is None else bound.apply(answer.client_id, answer.arrays, limit)
             aggregator.add(answer, arrays)
             losses.append((float(answer.metrics.get("train_loss", 0.0)), answer.num_examples))

@@ -35,14 +35,15 @@ def check_count(client_id: str, count: object, what: str, *, ceiling: int, minim
 
 
 def check_result(result: TrainResult, task: TrainTask | None, expected: Mapping[str, int], *,
-                 known: int | None = None, ceiling: int = MAX_EXAMPLES_PER_CLIENT) -> TrainResult:
+                 known: int | None = None, ceiling: int = MAX_EXAMPLES_PER_CLIENT, finite: bool = True) -> TrainResult:
     """The result with its arrays checked and its weight clamped to ``known`` (the client's training count as the
-    server knows it), or InvalidUpdateError saying why it is refused."""
+    server knows it), or InvalidUpdateError saying why it is refused. ``finite=False``: the caller scans the
+    arrays for NaN/Inf itself (see ``check_arrays``)."""
     if task is None or result.round != task.round or result.client_id != task.client_id:
         raise InvalidUpdateError(f"result from {result.client_id} is for round {result.round}, which it was not given")
     count = check_count(result.client_id, result.num_examples, "training examples", ceiling=ceiling, minimum=1)
     check_metrics(result.client_id, result.metrics)
-    check_arrays(result, expected)
+    check_arrays(result, expected, finite=finite)
     if known is not None and known < 1:
         raise InvalidUpdateError(f"result from {result.client_id}, which declared no training examples")
     if known is not None and count > known:

@@ -10,6 +10,7 @@ weights are float32 like the model.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -78,10 +79,10 @@ class ServerOptimizer(ABC):
                 raise InvalidUpdateError(
                     f"server optimizer state {name!r} has {moment.numel()} values but the update has "
                     f"{delta.numel()} (was it saved for another model?)")
-        delta64 = delta.detach().to(dtype=torch.float64, copy=True)
-        if not torch.isfinite(delta64).all():
+        low, high = torch.aminmax(delta.detach())  # NaN propagates; cheaper than isfinite on the float64 copy
+        if not (math.isfinite(low.item()) and math.isfinite(high.item())):
             raise InvalidUpdateError("the aggregated update has non-finite values; the server optimizer refuses it")
-        return weights.detach().to(dtype=torch.float64, copy=True), delta64
+        return weights.detach().to(dtype=torch.float64, copy=True), delta.detach().to(dtype=torch.float64, copy=True)
 
     def _moment(self, name: str, like: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
         """The state vector ``name``, created on first use as ``fill`` everywhere, sized like ``like``."""
@@ -160,7 +161,9 @@ class ServerSGD(ServerOptimizer):
         # float64 then one rounding: with lr 1 this equals the float32 sum w + delta bit for bit
         w, d = self._inputs(weights, delta)
         self.steps += 1
-        return self._result(w + self.config.lr * d)
+        if self.config.lr != 1.0:  # lr * d rounds once, as in w + lr * d; with lr 1 it is d itself
+            d.mul_(self.config.lr)
+        return self._result(w.add_(d))
 
 
 @register("optimizer", "momentum")
