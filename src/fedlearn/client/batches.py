@@ -35,14 +35,13 @@ def iter_batches(
         x, y, rows = source
         n = y.shape[0] if rows is None else rows.shape[0]
         order = torch.randperm(n, generator=generator) if shuffle else None
+        if rows is not None:  # one gather of the index per epoch, then each batch is a slice of it
+            order = rows if order is None else rows[order]
         for start in range(0, n, batch_size):
             if order is None:
-                idx = None if rows is None else rows[start : start + batch_size]
-            else:
-                idx = order[start : start + batch_size] if rows is None else rows[order[start : start + batch_size]]
-            if idx is None:
                 xb, yb = x[start : start + batch_size], y[start : start + batch_size]
             else:
+                idx = order[start : start + batch_size]
                 xb, yb = x[idx], y[idx]
             yb = yb.long() if targets is None else targets(yb)  # no copy when already int64
             yield xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 import torch
 from torch import nn
@@ -164,9 +165,9 @@ class LocalTrainer:
         for hook in hooks:
             batches = hook.batches(ctx, data.train, batch_size) or batches
         if batches is None:
-            batches = (b for _ in range(cfg.local_epochs)
-                       for b in iter_batches(data.train, batch_size, shuffle=True, generator=generator,
-                                             device=self.device, targets=targets))
+            batches = chain.from_iterable(
+                iter_batches(data.train, batch_size, shuffle=True, generator=generator, device=self.device,
+                             targets=targets) for _ in range(cfg.local_epochs))
         backward = [h for h in hooks if type(h).backward is not TrainHook.backward]
         adjusting = [h for h in hooks if type(h).grads is not TrainHook.grads]
         loss_sum = torch.zeros((), device=self.device)

@@ -11,6 +11,7 @@ import json
 import math
 import struct
 from dataclasses import fields
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -29,29 +30,35 @@ _PLAIN_TYPES = {"round": int, "client_id": str, "num_examples": int, "model_vers
                 "config": dict, "metrics": dict, "sealed": dict, "data": dict}
 
 
-def _array_meta(t: torch.Tensor, offset: int) -> tuple[dict[str, Any], torch.Tensor]:
-    t = t.detach().to("cpu").contiguous()
+def _array_meta(t: torch.Tensor, offset: int, convert: bool = True) -> tuple[dict[str, Any], torch.Tensor]:
+    if convert:  # the bytes that travel: on the CPU, contiguous (sizing a message needs neither)
+        t = t.detach().to("cpu").contiguous()
     nbytes = t.numel() * t.element_size()
     return {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "offset": offset,
             "nbytes": nbytes}, t
 
 
-def _header(message: Message) -> tuple[bytes, list[torch.Tensor]]:
+@cache
+def _field_names(message_type: type) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(message_type))
+
+
+def _header(message: Message, convert: bool = True) -> tuple[bytes, list[torch.Tensor]]:
     plain: dict[str, Any] = {}
     tensors: dict[str, dict[str, Any]] = {}
     out: list[torch.Tensor] = []
     offset = 0
-    for f in fields(message):
-        value = getattr(message, f.name)
+    for field_name in _field_names(type(message)):
+        value = getattr(message, field_name)
         if isinstance(value, torch.Tensor):
-            named = {f.name: value}
-        elif f.name == "arrays":
+            named = {field_name: value}
+        elif field_name == "arrays":
             named = {f"arrays/{k}": v for k, v in value.items()}
         else:
-            plain[f.name] = value
+            plain[field_name] = value
             continue
         for name, tensor in named.items():
-            meta, t = _array_meta(tensor, offset)
+            meta, t = _array_meta(tensor, offset, convert)
             tensors[name] = meta
             offset += meta["nbytes"]
             out.append(t)
@@ -94,7 +101,7 @@ def encode_parts(message: Message, shared: dict[tuple, bytes] | None = None) -> 
 
 def wire_size(message: Message) -> int:
     """Bytes ``encode(message)`` would produce, computed without copying any tensor."""
-    header, tensors = _header(message)
+    header, tensors = _header(message, convert=False)
     return _HEADER.size + len(header) + sum(t.numel() * t.element_size() for t in tensors)
 
 
