@@ -110,6 +110,20 @@ def test_nan_client_is_rejected_and_the_others_aggregate_as_without_it() -> None
     assert ref["clients_succeeded"] == 3 and ref["failed_clients"] == []
 
 
+def test_clients_refused_for_one_reason_take_two_log_lines_not_one_each(caplog) -> None:
+    bad = tuple(f"bad{i}" for i in range(8))
+    loop = build(("a", *bad), nan=bad)
+    with caplog.at_level("WARNING", logger="fedlearn.server.collect"):
+        row = loop.run_round()
+    assert sorted(row["failed_clients"]) == sorted(bad)
+    lines = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
+    assert len(lines) == 2, lines
+    first = lines[0].split("result from ", 1)[1].split()[0]  # the helper's NaN client also reports a NaN loss
+    others = sorted(set(bad) - {first})
+    assert lines[0].startswith(f"round 1: rejected train task: result from {first} has metrics that are not finite")
+    assert lines[1] == (f"round 1: rejected 7 more train tasks like {first}'s: {', '.join(others[:5])} and 2 more")
+
+
 def test_min_clients_not_reached_leaves_weights_unchanged() -> None:
     loop = build(("a", "bad1", "bad2"), nan=("bad1", "bad2"), min_clients=2)
     start = loop.weights.clone()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
@@ -178,6 +179,20 @@ def resolve_privacy(config: RunConfig, examples: int | None = None) -> RunConfig
     return config.updated(changes)
 
 
+def local_noise_warning(noise_multiplier: float, numel: int, clients_per_round: float) -> str | None:
+    """Under local DP every client noises its own clipped update, so a round's mean carries noise of norm about
+    z C sqrt(d / K) against at most C of signal: a warning when that ratio is past 3 (the model will not learn)."""
+    ratio = noise_multiplier * math.sqrt(numel / max(clients_per_round, 1.0))
+    if ratio <= 3:
+        return None
+    needed = (noise_multiplier ** 2) * numel
+    return (f"--dp local: each round's mean update carries noise about {ratio:.3g}x the largest possible signal "
+            f"(noise multiplier {noise_multiplier:.3g}, {numel:,} parameters, ~{clients_per_round:.0f} clients a "
+            f"round), so the model will not learn; noise equal to the signal needs ~{needed:,.0f} clients a round: "
+            "use a much smaller model or far more clients, or --dp central (or secure aggregation with --dp central) "
+            "where a server may be trusted with the sum")
+
+
 def clipped_count_stddev(config: RunConfig) -> float | None:
     """Noise on adaptive clipping's count (Andrew et al.'s m/20 for m expected clients), or None."""
     if config.adaptive_clip_quantile is None:
@@ -314,6 +329,11 @@ def build_experiment(
         evaluator = CentralEvaluator(server_model, bundle.test, config.device, task=task,
                                      personal=personal_patterns(config))
     strategy = strategy_for(config)
+    if config.dp == "local":
+        warning = local_noise_warning(resolve_privacy(config).noise_multiplier, vector.spec.numel,
+                                      config.fraction * config.clients)
+        if warning:
+            log.warning("%s", warning)
     loop = RoundLoop(
         strategy, client_runtime, vector.spec, vector.read(), min_clients=config.min_clients,
         min_fit_fraction=config.min_fit_fraction, seed=config.seed,

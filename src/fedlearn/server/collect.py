@@ -39,6 +39,15 @@ def collect(runtime: Runtime, tasks: Sequence[Message], accept: Callable[[Messag
     """Deliver ``tasks``; call ``accept(task, answer)`` for each answer (in the runtime's order)."""
     traffic = Traffic(bytes_down=sum(wire_size(t) for t in tasks))
     pending = {t.client_id: t for t in tasks}
+    rejected: dict[str, list[str]] = {}  # a reason (its client's id taken out) -> the clients refused for it
+
+    def reject(client_id: str, reason: str) -> None:
+        key = reason.replace(client_id, "")
+        if key not in rejected:  # logged once per round per reason; the others in one line at the end
+            rejected[key] = []
+            log.warning("round %d: rejected %s: %s", rnd, what, reason)
+        rejected[key].append(client_id)
+
     for answer in runtime.deliver(tasks):
         task = pending.pop(answer.client_id, None)
         if isinstance(answer, ClientFailure):
@@ -52,7 +61,7 @@ def collect(runtime: Runtime, tasks: Sequence[Message], accept: Callable[[Messag
                 raise InvalidUpdateError(f"answer from {answer.client_id}, which was not given a {what} this round")
             accept(task, answer)
         except InvalidUpdateError as exc:
-            log.warning("round %d: rejected %s: %s", rnd, what, exc)
+            reject(answer.client_id, str(exc))
             if answer.client_id not in traffic.failed:
                 traffic.failed.append(answer.client_id)
         except Exception:  # noqa: BLE001 - a check that broke on hostile input must not end the run for everyone
@@ -60,5 +69,9 @@ def collect(runtime: Runtime, tasks: Sequence[Message], accept: Callable[[Messag
                           "please report it)", rnd, what, answer.client_id)
             if answer.client_id not in traffic.failed:
                 traffic.failed.append(answer.client_id)
+    for first, *others in rejected.values():
+        if others:
+            shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+            log.warning("round %d: rejected %d more %ss like %s's: %s", rnd, len(others), what, first, shown)
     traffic.failed.extend(pending)  # tasks that got no answer at all
     return traffic
