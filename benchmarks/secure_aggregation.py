@@ -30,7 +30,7 @@ from machine import machine_info, write_results
 from fedlearn.privacy import he
 from fedlearn.privacy.secagg.client import SecAggClient
 from fedlearn.privacy.secagg.encoding import FixedPoint
-from fedlearn.privacy.secagg.graph import default_degree
+from fedlearn.privacy.secagg.graph import secagg_plus_parameters
 from fedlearn.privacy.secagg.server import SecAggServer, resolve_threshold
 from fedlearn.protocol.codec import join_blob, wire_size
 from fedlearn.protocol.messages import SecureReply, SecureTask, TrainResult, TrainTask
@@ -66,6 +66,12 @@ def plain_round(n: int, d: int, updates: np.ndarray) -> dict:
         up += wire_size(result)
         clock.time("server", lambda r=result: total.__iadd__(r.arrays["update"].numpy() * r.num_examples))
     return {"client_s": 0.0, "server_s": clock.server, "up_bytes": up / n, "down_bytes": 0.0}
+
+
+def degree(n: int) -> int | None:
+    """SecAgg+'s default neighbours at n (None: the complete graph), as `fedlearn run` derives them."""
+    derived = secagg_plus_parameters(n, 1 / 3, 0.1)
+    return None if derived is None else derived[0]
 
 
 def secagg_round(n: int, d: int, updates: np.ndarray, degree: int | None) -> dict:
@@ -142,7 +148,7 @@ def protocol_table(sizes: list[int], counts: list[int], keys: Path) -> list[dict
                 elif mode == "ckks":
                     row = ckks_round(n, d, updates, keys)
                 else:
-                    row = secagg_round(n, d, updates, None if mode == "secagg" else default_degree(n))
+                    row = secagg_round(n, d, updates, None if mode == "secagg" else degree(n))
                 row.update({"mode": mode, "n": n, "d": d})
                 rows.append(row)
                 print(f"d={d:>8,} n={n:>3} {mode:8s} client {row['client_s']:7.3f} s  server {row['server_s']:7.3f} s"

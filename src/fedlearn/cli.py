@@ -69,7 +69,12 @@ RUN_FLAGS: dict[str, tuple[type, str]] = {
     "--secagg-bits": (int, "bit width of the secure sum, Z_2^bits (default 32; at most 30 with --he ckks)"),
     "--secagg-clip": (float, "each update coordinate is clipped to [-clip, clip] before fixed-point encoding, "
                       "for SecAgg and --he alike (default: --clip-norm with --dp, else 1.0)"),
-    "--secagg-neighbours": (int, "secagg+: neighbours per client (default about 2 log2 n)"),
+    "--secagg-neighbours": (int, "secagg+: neighbours per client (default: the fewest for which a client's input "
+                                 "is exposed with probability at most 2^-40, from the two fractions below)"),
+    "--secagg-corrupt-fraction": (float, "secagg+: fraction of clients assumed to collude with the server, which "
+                                         "sets k and t (Bell et al.'s gamma; default 1/3)"),
+    "--secagg-dropout-fraction": (float, "secagg+: fraction of clients assumed to drop out in a round (delta; "
+                                         "default 0.1)"),
     "--secagg-max-weight": (int, "largest client sample count (the weight bound of SecAgg and --he; default: "
                                  "largest simulated client; needed by `fedlearn server`)"),
     "--he": (str, "none or ckks: clients encrypt their fixed-point weighted update with CKKS (TenSEAL); the "

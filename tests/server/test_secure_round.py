@@ -14,6 +14,9 @@ from fedlearn.client.secure import SecureClients
 from fedlearn.client.trainer import LocalTrainer
 from fedlearn.data.arrays import ArrayDataset
 from fedlearn.errors import ConfigError
+from fedlearn.privacy.secagg.client import SecAggClient
+from fedlearn.privacy.secagg.encoding import FixedPoint
+from fedlearn.privacy.secagg.server import SecAggServer
 from fedlearn.protocol.codec import decode, encode
 from fedlearn.protocol.local import LocalConfig
 from fedlearn.protocol.messages import Message, SecureReply, SecureTask, TrainResult
@@ -291,3 +294,19 @@ def test_an_eavesdropper_on_a_ckks_round_sees_only_ciphertexts(he_keys):
     assert reply.blob.dtype == torch.int64 and reply.blob[-1] == sum(10 + 3 * i for i in range(len(NAMES)))
     for cid, needle in _plain_updates().items():
         assert not any(needle in data for data in box.up), f"{cid}'s update crossed in the clear"
+
+
+def test_secagg_plus_rounds_use_the_derived_neighbours_and_share_threshold() -> None:
+    plus = SecAggSettings(mode="secagg+")
+    assert plus.graph(100) == (60, 34)  # 2^-40 against a third colluding, a tenth dropping
+    assert plus.graph(10) == (None, None)  # only the complete graph gets there: SecAgg's
+    assert SecAggSettings(mode="secagg+", neighbours=8).graph(100) == (8, None)
+    assert SecAggSettings(mode="secagg").graph(100) == (None, None)
+    with pytest.raises(ConfigError, match="corrupt-fraction"):
+        SecAggSettings(mode="secagg+", corrupt=0.5).check(FedAvg())
+    ids = [f"c{i:03d}" for i in range(100)]
+    server = SecAggServer(1, ids, FixedPoint(32, 1.0, 100, 1, 4), threshold=67, degree=60, share_threshold=34)
+    replies = {cid: SecAggClient(cid, 1).advertise() for cid in ids}
+    requests = server.receive_keys(replies)
+    assert all(len(peers) == 60 for peers in server.graph.values())
+    assert {r["threshold"] for r in requests.values()} == {34}  # t of the 61 holders, more than half of them

@@ -103,6 +103,8 @@ def bounds() -> dict[str, Bound]:
         "adaptive_clip_quantile": Bound(0, 1, open_low=True, open_high=True),
         "secagg_bits": Bound(8, 64), "secagg_clip": above_zero, "secagg_neighbours": Bound(2),
         "secagg_max_weight": positive,
+        "secagg_corrupt_fraction": Bound(0, 0.5, open_high=True),
+        "secagg_dropout_fraction": Bound(0, 0.5, open_high=True),
     }
 
 
@@ -156,6 +158,8 @@ class RunConfig(TrainingKeys):
     secagg_bits: int = 32
     secagg_clip: float | None = None
     secagg_neighbours: int | None = None
+    secagg_corrupt_fraction: float = 1 / 3
+    secagg_dropout_fraction: float = 0.1
     secagg_max_weight: int | None = None
     he: str = "none"
     he_keys: str | None = None

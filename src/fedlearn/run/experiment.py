@@ -286,7 +286,8 @@ def secure_round(config: RunConfig, strategy: Strategy,
         return HomomorphicRound(str(Path(config.he_keys) / "public.ctx"), config.he_key_holder, clip=clip,
                                 max_weight=max_weight, bits=min(config.secagg_bits, HE_BITS))
     settings = SecAggSettings(config.secure_aggregation, config.secagg_threshold, config.secagg_bits, clip,
-                              config.secagg_neighbours, max_weight, seeded=config.seeded_privacy)
+                              config.secagg_neighbours, max_weight, seeded=config.seeded_privacy,
+                              corrupt=config.secagg_corrupt_fraction, dropout=config.secagg_dropout_fraction)
     settings.check(strategy)
     return SecureAggregationRound(settings)
 

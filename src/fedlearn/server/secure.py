@@ -20,7 +20,7 @@ from fedlearn.errors import ConfigError, InvalidUpdateError
 from fedlearn.privacy import he, sum_check
 from fedlearn.privacy.secagg.crypto import mask_dtype
 from fedlearn.privacy.secagg.encoding import FixedPoint
-from fedlearn.privacy.secagg.graph import default_degree
+from fedlearn.privacy.secagg.graph import SECURITY_BITS, secagg_plus_parameters
 from fedlearn.privacy.secagg.server import SecAggAborted, SecAggServer, resolve_threshold
 from fedlearn.protocol.codec import join_blob, split_blob
 from fedlearn.protocol.messages import Message, SecureReply, SecureTask, TrainResult, TrainTask
@@ -47,6 +47,8 @@ class SecAggSettings:
     neighbours: int | None = None
     max_weight: int = 1
     seeded: bool = False  # the neighbour graph from the run seed (seeded privacy only); else fresh CSPRNG bits
+    corrupt: float = 1 / 3  # secagg+: the colluding fraction k and t are derived for (Bell et al.'s gamma)
+    dropout: float = 0.1  # secagg+: the fraction expected to drop out (delta)
 
     def check(self, strategy: Strategy) -> None:
         if self.mode not in MODES:
@@ -56,6 +58,23 @@ class SecAggSettings:
         FixedPoint(self.bits, self.clip, 2, self.max_weight, 1)  # bits, clip and weight ranges
         if self.neighbours is not None and self.neighbours < 2:
             raise ConfigError(f"--secagg-neighbours must be >= 2; got {self.neighbours}")
+        if not (0 <= self.corrupt < 0.5 and 0 <= self.dropout < 0.5):
+            raise ConfigError(f"--secagg-corrupt-fraction and --secagg-dropout-fraction must be in [0, 0.5); got "
+                              f"{self.corrupt} and {self.dropout}")
+
+    def graph(self, n: int) -> tuple[int | None, int | None]:
+        """(neighbours, share threshold) of a round of ``n`` clients: (None, None) is the complete graph with the
+        round's threshold (SecAgg, or SecAgg+ where only it gives 2^-40); ``--secagg-neighbours`` overrides k."""
+        if self.mode == "secagg":
+            return None, None
+        if self.neighbours is not None:
+            return self.neighbours, None
+        derived = secagg_plus_parameters(n, self.corrupt, self.dropout)
+        if derived is None:
+            log.info("secagg+: %d clients need the complete graph for 2^-%d against a %.2g colluding fraction with "
+                     "%.2g dropping out; running SecAgg's", n, SECURITY_BITS, self.corrupt, self.dropout)
+            return None, None
+        return derived
 
 
 def require_sum_only(strategy: Strategy) -> None:
@@ -115,10 +134,11 @@ class SecureAggregationRound:
         length = sum(strategy.expected_arrays(loop.state).values())
         fixed_point = FixedPoint(s.bits, s.clip, len(ids), 1 if uniform else s.max_weight, length,
                                  extras=1 + len(extras))
-        degree = None if s.mode == "secagg" else (s.neighbours or default_degree(len(ids)))
+        degree, share_threshold = s.graph(len(ids))
         threshold = max(2, min(resolve_threshold(s.threshold, len(ids)), len(ids)))
-        server = SecAggServer(rnd, ids, fixed_point, threshold=threshold,
-                              degree=degree, seed=derive_seed(seed, rnd, "secagg-graph") if s.seeded else None)
+        server = SecAggServer(rnd, ids, fixed_point, threshold=threshold, degree=degree,
+                              share_threshold=share_threshold,
+                              seed=derive_seed(seed, rnd, "secagg-graph") if s.seeded else None)
         by_client = {t.client_id: t for t in tasks}
         try:
             replies = self._exchange(runtime, rnd, "secagg-advertise", {cid: {} for cid in ids}, out)

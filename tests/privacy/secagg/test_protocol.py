@@ -7,7 +7,7 @@ from scipy import stats
 from fedlearn.errors import ConfigError
 from fedlearn.privacy.secagg.client import SecAggClient, SecAggProtocolError, b64, unb64
 from fedlearn.privacy.secagg.encoding import FixedPoint
-from fedlearn.privacy.secagg.graph import default_degree, neighbour_graph
+from fedlearn.privacy.secagg.graph import hypergeometric_tail, neighbour_graph, secagg_plus_parameters
 from fedlearn.privacy.secagg.server import SecAggAborted, SecAggServer, resolve_threshold
 
 
@@ -85,9 +85,9 @@ def test_dropouts_during_unmasking_are_tolerated_down_to_the_threshold():
 
 
 def test_secagg_plus_with_dropouts_is_exact():
-    r = Round(40, 24, degree=default_degree(40))
+    r = Round(40, 24, degree=12)
     r.setup()
-    assert all(len(v) == default_degree(40) for v in r.server.graph.values())
+    assert all(len(v) == 12 for v in r.server.graph.values())
     r.mask(r.ids)
     for c in r.ids[:4]:
         r.server.inputs.pop(c)
@@ -188,7 +188,34 @@ def test_neighbour_graph_is_symmetric_regular_and_seeded():
     assert all(c in g[v] for c, vs in g.items() for v in vs)
     assert g == neighbour_graph(ids, 6, seed=1) and g != neighbour_graph(ids, 6, seed=2)
     assert neighbour_graph(ids, None, 0)["c0"] == set(ids) - {"c0"}
-    assert default_degree(100) == 14 and default_degree(5) == 4
+    unseeded = neighbour_graph(ids, 6, None)  # the OS's CSPRNG: still 6-regular and symmetric
+    assert all(len(v) == 6 and all(c in unseeded[p] for p in v) for c, v in unseeded.items())
+
+
+def test_hypergeometric_tail_is_exact():
+    # 2 marked of 5, draw 3: P[>= 1] = 1 - C(3,3)/C(5,3) = 0.9, P[>= 2] = C(2,2) C(3,1) / C(5,3) = 0.3
+    assert abs(hypergeometric_tail(5, 2, 3, 1) - 0.9) < 1e-12
+    assert abs(hypergeometric_tail(5, 2, 3, 2) - 0.3) < 1e-12
+    assert hypergeometric_tail(5, 2, 3, 3) == 0.0 and abs(hypergeometric_tail(5, 2, 3, 0) - 1.0) < 1e-12
+
+
+def test_secagg_plus_parameters_meet_2_to_the_minus_40_and_t_over_half():
+    for n in (100, 1000, 10_000):
+        k, t = secagg_plus_parameters(n, 1 / 3, 0.1)
+        assert k % 2 == 0 and 2 * t > k + 1 and t <= k
+        bad, gone = n // 3, n // 10
+        assert n * hypergeometric_tail(n - 1, bad, k, t) <= 2.0 ** -41  # no client has t colluding neighbours
+        assert n * hypergeometric_tail(n - 1, gone, k, k - t + 1) <= 2.0 ** -20  # every client keeps t
+        assert n * hypergeometric_tail(n, bad + gone, k // 2, k // 2) <= 2.0 ** -41  # no cutting run of k/2
+        # k - 2 fails one of them: k is the fewest
+        smaller = k - 2
+        ok = any(n * hypergeometric_tail(n - 1, bad, smaller, u) <= 2.0 ** -41
+                 and n * hypergeometric_tail(n - 1, gone, smaller, smaller - u + 1) <= 2.0 ** -20
+                 for u in range((smaller + 1) // 2 + 1, smaller + 1))
+        assert not ok or n * hypergeometric_tail(n, bad + gone, smaller // 2, smaller // 2) > 2.0 ** -41
+    assert secagg_plus_parameters(100, 1 / 3, 0.1) == (60, 34)  # against 2 log2 n = 14 before
+    assert secagg_plus_parameters(10, 1 / 3, 0.1) is None  # only the complete graph gives 2^-40 there
+    assert secagg_plus_parameters(1000, 1 / 3, 0.1)[0] < 1000 // 5  # sub-linear: it pays at scale
 
 
 def test_threshold_forms():

@@ -8,7 +8,6 @@ survivor, the mask key of a dropout): enough to remove the masks from the sum, n
 from __future__ import annotations
 
 import math
-import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -40,7 +39,7 @@ class SecAggServer:
     """One round. Stages: advertised -> shared -> masked inputs (add_input) -> unmask -> the sum."""
 
     def __init__(self, round: int, client_ids: Sequence[str], fixed_point: FixedPoint, *, threshold: int,
-                 degree: int | None = None, seed: int | None = None) -> None:
+                 degree: int | None = None, share_threshold: int | None = None, seed: int | None = None) -> None:
         if 2 * threshold <= len(client_ids) or threshold < 2:
             raise FedLearnError(f"secure aggregation threshold {threshold} of {len(client_ids)} clients: it must be "
                                 "at least 2 and more than half of them")
@@ -49,6 +48,7 @@ class SecAggServer:
         self.fixed_point = fixed_point
         self.threshold = threshold
         self.degree = degree
+        self.share_threshold = share_threshold  # t of each client's k + 1 share holders (derived), else scaled
         self.seed = seed
         self.keys: dict[str, dict[str, bytes]] = {}
         self.graph: dict[str, set[str]] = {}
@@ -76,10 +76,11 @@ class SecAggServer:
         self.x = {cid: i + 1 for i, cid in enumerate(alive)}
         # The graph is drawn after the keys are in, from the CSPRNG unless a seed is given (seeded privacy): nobody
         # can place themselves as a client's neighbours in advance.
-        self.graph = neighbour_graph(alive, self.degree, secrets.randbits(64) if self.seed is None else self.seed)
+        self.graph = neighbour_graph(alive, self.degree, self.seed)
         holders = len(next(iter(self.graph.values()))) + 1
-        self.local_threshold = max(2, min(holders, math.ceil(self.threshold * holders / len(alive) - 1e-9)),
-                                   holders // 2 + 1)
+        scaled = math.ceil(self.threshold * holders / len(alive) - 1e-9)
+        wanted = scaled if self.share_threshold is None or holders == len(alive) else self.share_threshold
+        self.local_threshold = max(2, min(holders, wanted), holders // 2 + 1)
         requests = {}
         for cid in alive:
             group = sorted(self.graph[cid] | {cid})
