@@ -259,12 +259,19 @@ def test_a_dpsgd_client_runs_its_own_dp_sgd_and_keeps_its_train_loss() -> None:
     policy = client_policy(RunConfig(dp="dpsgd", clip_norm=0.5, noise_multiplier=1.5, clients=4))
     plain_task = FedAvg(local=LOCAL).configure_train(1, ServerState(trainer.vector.read()), ["c0"], seed=1)[0]
     assert "hooks" not in plain_task.config
-    result = ClientApp(trainer, data, policy=policy)(plain_task)
-    assert "epsilon" in result.metrics and "train_loss" not in result.metrics  # DP-SGD ran; the loss stayed home
-    plain = ClientApp(trainer, data)(plain_task)
-    assert "train_loss" in plain.metrics and "epsilon" not in plain.metrics
-    # Local DP too: what crosses to the server (the encoded result) carries no train loss.
     from fedlearn.protocol.codec import decode, encode
+
+    app = ClientApp(trainer, data, policy=policy)
+    wire = encode(app(plain_task))
+    sent = decode(wire)
+    # DP-SGD ran (its steps are in the client's own state); nothing that is a function of the client's 64
+    # examples crosses: no count (it weighs 1), no train loss, no epsilon or step count
+    assert int(app.state.get("c0")["dpsgd_steps"]) == round(64 / LOCAL.batch_size)
+    assert sent.num_examples == 1 and sent.metrics == {}
+    assert all(word not in wire for word in (b"train_loss", b"epsilon", b"dpsgd_steps"))
+    plain = ClientApp(trainer, data)(plain_task)
+    assert "train_loss" in plain.metrics and "epsilon" not in plain.metrics and plain.num_examples == 64
+    # Local DP too: what crosses to the server (the encoded result) carries no train loss.
 
     local = client_policy(RunConfig(dp="local", clip_norm=0.5, noise_multiplier=1.0, clients=4))
     sent = decode(encode(ClientApp(trainer, data, policy=local)(plain_task)))
@@ -465,3 +472,29 @@ def test_adaptive_clipping_can_raise_the_norm_without_clients_refusing(tmp_path:
     norms = [r["clip_norm"] for r in _rows(out)]
     assert norms[0] == 0.01 and norms[-1] > norms[0]  # far below every update norm, C goes up
     assert "weaker than this client's policy" not in caplog.text
+
+
+def test_a_dpsgd_simulation_publishes_the_epsilon_of_its_clients_counts(tmp_path: Path) -> None:
+    """The clients send no count and no epsilon; the simulation's server computes each client's epsilon from its
+    partition (rate B / n, a round's steps per task given) and publishes the largest."""
+    from fedlearn.privacy.dpsgd import steps_per_round
+    from fedlearn.run.config import RunConfig
+    from fedlearn.run.experiment import build_experiment
+
+    config = RunConfig(model="mcmahan-2nn", clients=4, partition="dirichlet", alpha=0.5, rounds=2, fraction=0.5,
+                       dp="dpsgd", noise_multiplier=1.2, clip_norm=1.0, batch_size=16, seeded_privacy=True)
+    experiment = build_experiment(config)
+    rows = experiment.loop.run(2)
+    strategy = experiment.loop.strategy
+    given = strategy.tasks
+    assert sum(given.values()) == sum(r["clients_sampled"] for r in rows)
+    epochs = strategy.local.local_epochs
+
+    def epsilon(client: str, tasks: int) -> float:
+        n = len(experiment.clients[client].train)
+        return PrivacyAccountant(noise_multiplier=1.2, sampling_rate=min(1.0, 16 / n),
+                                 delta=strategy.delta).epsilon_after(tasks * steps_per_round(n, 16, epochs))
+
+    expected = max(epsilon(c, k) for c, k in given.items())
+    assert rows[-1]["epsilon"] == pytest.approx(expected, rel=1e-12)
+    assert rows[0]["epsilon"] <= rows[-1]["epsilon"]

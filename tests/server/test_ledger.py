@@ -65,12 +65,12 @@ def test_a_ledger_from_other_privacy_settings_is_refused() -> None:
         carry_forward(central(noise=2.0), privacy_state(spent))
 
 
-def test_dpsgd_keeps_each_clients_largest_epsilon() -> None:
-    strategy = DPSGD(FedAvg(), clip_norm=1.0, noise_multiplier=1.0, delta=1e-5)
-    strategy.epsilons.update({"a": 1.0, "b": 3.0})
-    assert privacy_state(strategy) == {"epsilons": {"a": 1.0, "b": 3.0}}
-    assert carry_forward(strategy, {"round": 4, "epsilons": {"a": 2.5, "b": 0.5, "c": 0.25}})
-    assert strategy.epsilons == {"a": 2.5, "b": 3.0, "c": 0.25}
+def test_dpsgd_keeps_each_clients_most_tasks() -> None:
+    strategy = DPSGD(FedAvg(), clip_norm=1.0, noise_multiplier=1.0, delta=1e-5, counts={"a": (10, 5)})
+    strategy.tasks.update({"a": 1, "b": 3})
+    assert privacy_state(strategy) == {"tasks": {"a": 1, "b": 3}}
+    assert carry_forward(strategy, {"round": 4, "tasks": {"a": 2, "b": 1, "c": 4, "d": 2.5, "e": True}})
+    assert strategy.tasks == {"a": 2, "b": 3, "c": 4}  # never fewer; a non-integer count is not one
     assert privacy_state(FedAvg()) is None
 
 

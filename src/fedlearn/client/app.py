@@ -39,6 +39,7 @@ class TaskRefused(FedLearnError):
 
 
 UNNOISED_METRICS = ("train_loss",)  # what a DP client keeps from the server its noise protects it against
+DPSGD_WITHHELD = ("epsilon", "dpsgd_steps")  # functions of a DP-SGD client's example count: kept with it
 
 
 @dataclass
@@ -49,6 +50,7 @@ class ClientPolicy:
     hooks: dict[str, TrainHook] = field(default_factory=dict)
     withheld: tuple[str, ...] = ()  # metrics the client never sends (unnoised functions of its data)
     budget: ClientBudget | None = None  # the client's own epsilon budget (local DP, DP-SGD)
+    count_withheld: bool = False  # send weight 1, not the example count (DP-SGD: the count is private)
 
     def pipeline(self, requested: list[UpdateTransform]) -> list[UpdateTransform]:
         """The transforms to apply: the policy's, in the policy's order (a requested one of the same kind
@@ -147,8 +149,8 @@ class ClientApp:
         for transform in transforms:
             arrays = transform.client(arrays, metrics, ctx)
         metrics = {k: v for k, v in metrics.items() if k not in self.policy.withheld}
-        result = TrainResult(task.round, task.client_id, outcome.num_examples, arrays, metrics,
-                             model_version=task.model_version)
+        count = 1 if self.policy.count_withheld else outcome.num_examples
+        result = TrainResult(task.round, task.client_id, count, arrays, metrics, model_version=task.model_version)
         if "he" in task.config or "secagg" in task.config:
             result = self.secure.seal(task, result, self._rounding(task))
         if outcome.state or spent:  # keys this round did not touch are kept

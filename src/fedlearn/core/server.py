@@ -23,6 +23,7 @@ from fedlearn.server.evaluation import CentralEvaluator
 from fedlearn.server.loop import RoundLoop
 from fedlearn.strategies import Strategy
 from fedlearn.strategies.base import Sampler
+from fedlearn.strategies.dp import DPSGD
 
 
 class FedServer:
@@ -71,6 +72,9 @@ class FedServer:
         if test_dataset is not None:
             evaluator = CentralEvaluator(copy.deepcopy(model), test_dataset, self._trainer.device, task=first.task)
         self.app = ClientApp(self._trainer, {cid: c.data() for cid, c in self.clients.items()})
+        if isinstance(self.strategy, DPSGD) and self.strategy.counts is None:  # a simulation knows its clients' data
+            self.strategy.counts = {cid: (len(d.train), d.batch_size or self.strategy.local.batch_size)
+                                    for cid, d in self.app.clients.items()}
         self.loop = RoundLoop(
             self.strategy,
             InProcessRuntime(self.app),

@@ -332,3 +332,38 @@ def calibrate_noise_multiplier(
         else:
             low = mid
     return high
+
+
+class DPSGDLedger:
+    """Epsilon of DP-SGD clients from what the party running the simulation knows: each client's example count n
+    and batch size B (its rate B / n) and the training tasks it was given (each ``steps_per_round`` releases).
+
+    The server of a simulation computes it here because the clients no longer report it (a count or an epsilon
+    reveals n). Counting tasks given, not results accepted, is conservative: a client whose answer was lost still
+    spent. Under the RDP accountant the per-order RDP of a rate is computed once and scaled by the steps.
+    """
+
+    def __init__(self, noise_multiplier: float, delta: float, kind: str = "rdp") -> None:
+        self.noise_multiplier, self.delta, self.kind = noise_multiplier, delta, kind
+        self._rdp: dict[float, Any] = {}
+        self._epsilon: dict[tuple[float, int], float] = {}
+
+    def epsilon(self, rate: float, steps: int) -> float:
+        """Epsilon at ``delta`` after ``steps`` Poisson-sampled releases at ``rate``."""
+        key = (rate, steps)
+        if key not in self._epsilon:
+            self._epsilon[key] = self._compute(rate, steps)
+        return self._epsilon[key]
+
+    def _compute(self, rate: float, steps: int) -> float:
+        if steps == 0:
+            return 0.0
+        compute = getattr(rdp.rdp_privacy_accountant, "_compute_rdp_poisson_subsampled_gaussian", None)
+        if self.kind != "rdp" or compute is None:  # PLD, or a dp-accounting without the helper: the full path
+            return PrivacyAccountant(noise_multiplier=self.noise_multiplier, sampling_rate=rate, delta=self.delta,
+                                     kind=self.kind).epsilon_after(steps)
+        if rate not in self._rdp:
+            self._rdp[rate] = compute(rate, self.noise_multiplier, list(RDP_ORDERS))
+        epsilon, _ = rdp.rdp_privacy_accountant.compute_epsilon(list(RDP_ORDERS), self._rdp[rate] * steps,
+                                                                self.delta)
+        return float(epsilon)

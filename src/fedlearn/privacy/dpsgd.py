@@ -4,8 +4,8 @@ Each step takes a Poisson sample of the client's examples (each with probability
 the accountant assumes), clips every example's gradient to L2 norm C, sums them, adds
 N(0, (z C)^2) and divides by the expected batch size B. The ``dpsgd`` client hook runs it and
 keeps the client's own accountant: the steps it actually ran, at the rate it actually used, are
-stored in the client's state and turned into the epsilon it reports (the mechanism feeds its
-accountant, as in Opacus).
+stored in the client's state and turned into its epsilon (the mechanism feeds its accountant, as in
+Opacus), which the client keeps: its policy withholds it, since it is a function of n.
 """
 
 from __future__ import annotations

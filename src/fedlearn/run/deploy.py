@@ -304,6 +304,8 @@ def run_client(
     # not inside round 1's deadline.
     torch.optim.SGD(app.trainer.model.parameters(), lr=0.1)
     examples = (len(data.train), 0 if data.test is None else len(data.test))  # declared at Join: caps its weight
+    if config.dp == "dpsgd":  # its count is what DP-SGD protects: it weighs 1, and evaluation is refused under DP
+        examples = (1, 0)
     client = RemoteClient(server, client_id, app, credentials=credentials, token=token,
                           poll_seconds=poll_seconds, give_up_after=give_up_after, on_join=open_state,
                           examples=examples)

@@ -6,7 +6,7 @@ import copy
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
-from fedlearn.client.app import UNNOISED_METRICS, ClientApp, ClientPolicy
+from fedlearn.client.app import DPSGD_WITHHELD, UNNOISED_METRICS, ClientApp, ClientPolicy
 from fedlearn.client.budget import ClientBudget
 from fedlearn.client.data import ClientData
 from fedlearn.client.secure import SecureClients
@@ -200,7 +200,7 @@ def clipped_count_stddev(config: RunConfig) -> float | None:
     return config.fraction * config.clients / 20
 
 
-def strategy_for(config: RunConfig) -> Strategy:
+def strategy_for(config: RunConfig, clients: Mapping[str, ClientData] | None = None) -> Strategy:
     """The configured algorithm (through the registry), wrapped by the DP mode ``config.dp`` asks for."""
     cls = lookup("strategy", config.algorithm)
     values = config.to_dict()
@@ -212,9 +212,11 @@ def strategy_for(config: RunConfig) -> Strategy:
     if config.dp == "none":
         return strategy
     config = resolve_privacy(config)
-    if config.dp == "dpsgd":
+    if config.dp == "dpsgd":  # a simulation knows its clients' counts; a server over gRPC does not
+        counts = None if not clients else {cid: (len(c.train), c.batch_size or config.batch_size)
+                                           for cid, c in clients.items()}
         return DPSGD(strategy, clip_norm=config.clip_norm, noise_multiplier=config.noise_multiplier,
-                     delta=config.delta, accountant=config.accountant)
+                     delta=config.delta, accountant=config.accountant, counts=counts)
     if config.dp == "local":
         return LocalDP(strategy, clip_norm=config.clip_norm, noise_multiplier=config.noise_multiplier,
                        delta=config.delta, accountant=config.accountant)
@@ -248,7 +250,8 @@ def client_policy(config: RunConfig) -> ClientPolicy:
         config = resolve_privacy(config)
         hook = DPSGDHook(DPSGDHook.Config(clip=config.clip_norm, noise_multiplier=config.noise_multiplier,
                                           delta=config.delta, accountant=config.accountant))
-        return ClientPolicy(hooks={"dpsgd": hook}, withheld=UNNOISED_METRICS, budget=client_budget(config))
+        return ClientPolicy(hooks={"dpsgd": hook}, withheld=(*UNNOISED_METRICS, *DPSGD_WITHHELD),
+                            budget=client_budget(config), count_withheld=True)
     return ClientPolicy()  # central DP trusts the server, which clips again (adaptively, when asked) and noises
 
 
@@ -329,7 +332,7 @@ def build_experiment(
     if config.evaluation in ("centralized", "both"):
         evaluator = CentralEvaluator(server_model, bundle.test, config.device, task=task,
                                      personal=personal_patterns(config))
-    strategy = strategy_for(config)
+    strategy = strategy_for(config, clients)
     if config.dp == "local":
         warning = local_noise_warning(resolve_privacy(config).noise_multiplier, vector.spec.numel,
                                       config.fraction * config.clients)

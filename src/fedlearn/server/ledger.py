@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -28,15 +27,15 @@ LEDGER = "privacy_ledger.jsonl"
 def privacy_state(strategy: Any) -> dict[str, Any] | None:
     """What ``strategy`` has spent, as plain JSON, or None when it spends no privacy.
 
-    Central and local DP keep a ``PrivacyAccountant`` (``accountant``); DP-SGD keeps each client's largest
-    reported epsilon (``epsilons``).
+    Central and local DP keep a ``PrivacyAccountant`` (``accountant``); DP-SGD keeps the training tasks given to
+    each client (``tasks``), from which its epsilon follows.
     """
     accountant = getattr(strategy, "accountant", None)
     if accountant is not None and hasattr(accountant, "state_dict"):
         return {"accountant": accountant.state_dict()}
-    epsilons = getattr(strategy, "epsilons", None)
-    if isinstance(epsilons, dict):
-        return {"epsilons": {str(k): float(v) for k, v in epsilons.items()}}
+    tasks = getattr(strategy, "tasks", None)
+    if isinstance(tasks, dict):
+        return {"tasks": {str(k): int(v) for k, v in tasks.items()}}
     return None
 
 
@@ -55,11 +54,11 @@ def carry_forward(strategy: Any, spent: dict[str, Any]) -> bool:
         if isinstance(steps, int) and not isinstance(steps, bool) and steps > accountant.steps:
             accountant.load_state_dict(ledger_state)  # checks the settings match this run's
             moved = True
-    epsilons = getattr(strategy, "epsilons", None)
-    if isinstance(spent.get("epsilons"), dict) and isinstance(epsilons, dict):
-        for client_id, value in spent["epsilons"].items():
-            if isinstance(value, int | float) and math.isfinite(value) and value > epsilons.get(client_id, 0.0):
-                epsilons[str(client_id)] = float(value)
+    tasks = getattr(strategy, "tasks", None)
+    if isinstance(spent.get("tasks"), dict) and isinstance(tasks, dict):
+        for client_id, value in spent["tasks"].items():
+            if isinstance(value, int) and not isinstance(value, bool) and value > tasks.get(client_id, 0):
+                tasks[str(client_id)] = value
                 moved = True
     return moved
 

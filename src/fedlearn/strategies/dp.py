@@ -22,7 +22,7 @@ import torch
 from fedlearn.errors import CheckpointError, ConfigError
 from fedlearn.privacy.dp import gaussian_noise, noise_generator
 from fedlearn.protocol.local import LocalConfig
-from fedlearn.protocol.messages import Arrays, EvalResult, EvalTask, TrainResult
+from fedlearn.protocol.messages import Arrays, EvalResult, EvalTask, TrainResult, TrainTask
 from fedlearn.strategies.base import Aggregator, MeanAggregator, PoissonSampler, ServerState, Strategy
 from fedlearn.transforms.base import joint_norm
 from fedlearn.transforms.clip import Clip
@@ -299,63 +299,73 @@ class LocalDP(Wrapper):
         self.accountant.load_state_dict(state["accountant"])
 
 
-class _EpsilonTracking(MeanAggregator):
-    """The mean, also recording each accepted client's reported DP-SGD epsilon."""
-
-    def __init__(self, names: Sequence[str], weighting: str, record: dict[str, float]) -> None:
-        super().__init__(names, weighting)
-        self.record = record
-
-    def add(self, result: TrainResult, arrays: Arrays) -> None:
-        super().add(result, arrays)
-        epsilon = result.metrics.get("epsilon")
-        if epsilon is None:
-            raise ConfigError(f"client {result.client_id} ran no DP-SGD accountant")
-        self.record[result.client_id] = max(float(epsilon), self.record.get(result.client_id, 0.0))
-
-
 class DPSGD(Wrapper):
-    """Clients train with DP-SGD (Abadi et al., 2016); each keeps its own accountant and reports its epsilon.
+    """Clients train with DP-SGD (Abadi et al., 2016); each keeps its own accountant and enforces its own budget.
 
-    ``epsilon`` in the metrics is the largest over clients (the guarantee every example has). A
-    secure sum would hide the reports, so secure aggregation and HE refuse this strategy.
+    A client sends no example count (every client weighs 1: a count breaks the add/remove-one-example adjacency
+    DP-SGD protects) and no epsilon or step count (both are functions of n). The published ``epsilon`` is
+    computed where the counts are known: in a simulation, ``counts`` gives each client's (examples, batch size)
+    and the run's epsilon is the largest over the clients given a task, from the tasks each was given. Over gRPC
+    the server knows no count: ``epsilon`` is None, held by each client (its state, ``--client-budget``).
     """
 
-    secure_refusal = "--dp dpsgd reads each client's own accountant report, which a secure sum hides"
+    secure_refusal = "--dp dpsgd with secure aggregation or HE is not supported yet"
 
     def __init__(self, inner: Strategy, *, clip_norm: float, noise_multiplier: float, delta: float,
-                 accountant: str = "rdp") -> None:
+                 accountant: str = "rdp", counts: Mapping[str, tuple[int, int]] | None = None) -> None:
         _check_dp(clip_norm, noise_multiplier)
         if noise_multiplier <= 0:
             raise ConfigError("--dp dpsgd needs --clip-norm > 0 and --noise-multiplier > 0")
         super().__init__(inner)
+        self.weighting = "uniform"
         self.clip_norm, self.noise_multiplier, self.delta, self.kind = clip_norm, noise_multiplier, delta, accountant
-        self.epsilons: dict[str, float] = {}
+        self.counts = dict(counts) if counts is not None else None
+        self.tasks: dict[str, int] = {}  # training tasks given to each client (each a round of DP-SGD releases)
+        self._ledger = None
 
     def hooks(self) -> dict[str, dict[str, Any]]:
         return {**self.inner.hooks(), "dpsgd": {"clip": self.clip_norm, "noise_multiplier": self.noise_multiplier,
                                                 "delta": self.delta, "accountant": self.kind}}
 
-    def aggregator(self, rnd: int, state: ServerState) -> Aggregator:
-        return _EpsilonTracking(self.uplink, self.inner.weighting or "examples", self.epsilons)
+    def configure_train(self, rnd: int, state: ServerState, client_ids: Sequence[str], seed: int) -> list[TrainTask]:
+        tasks = super().configure_train(rnd, state, client_ids, seed)
+        for task in tasks:
+            self.tasks[task.client_id] = self.tasks.get(task.client_id, 0) + 1
+        return tasks
 
-    def epsilon(self) -> float:
-        return max(self.epsilons.values(), default=0.0)
+    def epsilon(self) -> float | None:
+        """The largest epsilon over the clients given tasks (None where the server knows no counts)."""
+        if self.counts is None:
+            return None
+        if self._ledger is None:
+            from fedlearn.privacy.accountant import DPSGDLedger  # dp_accounting only when DP-SGD runs
+            from fedlearn.privacy.dpsgd import steps_per_round
+
+            self._ledger, self._steps = DPSGDLedger(self.noise_multiplier, self.delta, self.kind), steps_per_round
+        epochs = self.local.local_epochs
+        worst = 0.0
+        for cid, given in self.tasks.items():
+            n, batch = self.counts[cid]
+            worst = max(worst, self._ledger.epsilon(min(1.0, batch / n), given * self._steps(n, batch, epochs)))
+        return worst
 
     def round_metrics(self) -> dict[str, Any]:
         return {**self.inner.round_metrics(), "epsilon": self.epsilon()}
 
     def privacy_summary(self) -> dict[str, Any]:
+        held = self.counts is None
         return {"epsilon": self.epsilon(), "delta": self.delta, "noise_multiplier": self.noise_multiplier,
                 "clip_norm": self.clip_norm, "accountant": self.kind, "dp": "dpsgd",
-                "epsilon_is": "per example, the largest over clients' own accountants"}
+                "epsilon_is": ("per example, held by each client's own accountant (the server sees no count)" if held
+                               else "per example, the largest over clients, from their data sizes and the tasks "
+                                    "each was given")}
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "epsilons": dict(self.epsilons)}
+        return {**super().state_dict(), "tasks": dict(self.tasks)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.epsilons = {str(k): float(v) for k, v in state.get("epsilons", {}).items()}
+        self.tasks = {str(k): int(v) for k, v in state.get("tasks", {}).items()}
 
 
 def DPFedAvg(local: LocalConfig | None = None, *, clip_norm: float, noise_multiplier: float,  # noqa: N802
