@@ -249,7 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--data-dir", help="folder holding the dataset's files")
     audit.add_argument("--images", type=int, default=8, help="how many single-image updates to attack")
     audit.add_argument("--image-size", type=int, default=32, help="images are resized to this side (default 32)")
-    audit.add_argument("--iterations", type=int, default=100, help="L-BFGS iterations per image")
+    audit.add_argument("--iterations", type=int, default=None,
+                       help="iterations per image (default 100 L-BFGS for dlg, 400 Adam for cosine)")
+    audit.add_argument("--attack", default="dlg", help="dlg (Zhu et al. 2019, L-BFGS on the gradient distance) or "
+                       "cosine (Geiping et al. 2020: cosine distance plus a total-variation prior, noise-robust)")
+    audit.add_argument("--sweep", default=None, help="comma-separated noise multipliers to attack in turn, each "
+                       "with its epsilon (e.g. 0,0.01,0.1,1); needs --clip-norm")
     audit.add_argument("--clip-norm", type=float, default=0.0, help="the defence: clip each update to this norm")
     audit.add_argument("--noise-multiplier", type=float, default=0.0, help="the defence: N(0, (z C)^2) noise")
     audit.add_argument("--compare", action="store_true", help="also attack without the defence, side by side")
@@ -425,15 +430,30 @@ def cmd_audit(args: argparse.Namespace) -> int:
     settings = [("defended", args.clip_norm, args.noise_multiplier)]
     if args.compare:
         settings.insert(0, ("undefended", 0.0, 0.0))
+    if args.sweep is not None:
+        import math
+
+        from fedlearn.errors import ConfigError
+
+        try:
+            sweep = [float(z) for z in args.sweep.split(",") if z.strip()]
+        except ValueError:
+            raise ConfigError(f"--sweep must be comma-separated noise multipliers, e.g. 0,0.1,1; got "
+                              f"{args.sweep!r}") from None
+        if not sweep or any(not (math.isfinite(z) and z >= 0) for z in sweep) or args.clip_norm <= 0:
+            raise ConfigError("--sweep needs noise multipliers >= 0 and a --clip-norm > 0 (noise is relative to it)")
+        settings = [(f"z={z:g}", args.clip_norm, z) for z in sweep]
     report = {}
     for name, clip, noise in settings:
         torch.manual_seed(args.seed)
         model = DLGLeNet(images.shape[1], 10, args.image_size)
         result = audit(model, images, labels, clip_norm=clip, noise_multiplier=noise,
-                       iterations=args.iterations, seed=args.seed)
+                       iterations=args.iterations, seed=args.seed, attack=args.attack)
         grid = save_grid(result.originals, result.reconstructions, out / f"grid_{name}.png")
         report[name] = result.summary()
-        print(f"{name}: clip {clip:g}, noise multiplier {noise:g}: labels recovered "
+        epsilon = report[name]["epsilon"]
+        print(f"{name} ({args.attack}): clip {clip:g}, noise multiplier {noise:g} (epsilon "
+              f"{'inf' if epsilon is None else f'{epsilon:.3g}'} for this one release): labels recovered "
               f"{result.label_accuracy:.0%}, PSNR mean {result.mean_psnr:.1f} dB / median {result.median_psnr:.1f} dB "
               f"(a blank gray guess scores {report[name]['baseline_psnr_db']:.1f} dB); grid: {grid}")
     (out / "audit.json").write_text(json.dumps(report, indent=1))

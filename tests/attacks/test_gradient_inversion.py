@@ -21,9 +21,11 @@ from fedlearn.attacks import (
     invert_gradient,
     psnr,
     recover_label,
+    release_epsilon,
     save_grid,
     to_pixels,
 )
+from fedlearn.attacks.gradient_inversion import total_variation
 from fedlearn.errors import ConfigError
 
 # One thread: these are thousands of tiny double-backward passes on a 32x32 image, where a second
@@ -197,3 +199,45 @@ def test_fedlearn_audit_command_shows_the_defence(tmp_path, capsys) -> None:
     assert report["defended"]["mean_psnr_db"] < 20
     assert (out / "grid_undefended.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "labels recovered" in capsys.readouterr().out
+
+
+def test_total_variation_is_the_mean_absolute_neighbour_difference():
+    x = torch.tensor([[[[0.0, 1.0], [3.0, 3.0]]]])  # rows differ by 3, 2; columns by 1, 0
+    assert float(total_variation(x)) == pytest.approx((3 + 2) / 2 + (1 + 0) / 2)
+    assert float(total_variation(torch.full((1, 1, 4, 4), 0.7))) == 0.0
+
+
+def test_the_cosine_attack_reconstructs_an_undefended_and_a_clipped_update(model, digits):
+    images, labels = digits
+    for clip in (0.0, CLIP):  # the cosine ignores scale: clipping changes nothing for it
+        result = audit(model, images[:2], labels[:2], clip_norm=clip, attack="cosine", iterations=200, seed=0)
+        baseline = result.summary()["baseline_psnr_db"]
+        assert result.label_accuracy == 1.0
+        assert min(result.psnrs) > baseline + 8.0, (result.psnrs, baseline)  # far better than a blank guess
+        assert result.summary()["attack"] == "cosine" and result.summary()["epsilon"] is None
+
+
+def test_every_audited_release_reports_its_epsilon(model, digits):
+    from fedlearn.privacy.accountant import PrivacyAccountant
+
+    images, labels = digits
+    result = audit(model, images[:1], labels[:1], clip_norm=CLIP, noise_multiplier=1.0, iterations=2, seed=0)
+    expected = PrivacyAccountant(noise_multiplier=1.0, sampling_rate=1.0, delta=1e-5).epsilon_after(1)
+    assert result.summary()["epsilon"] == pytest.approx(expected) == pytest.approx(release_epsilon(1.0))
+    assert release_epsilon(0.1) > 50 > release_epsilon(1.0)  # the "defended" z = 0.1 promises little
+    with pytest.raises(ConfigError, match="--attack must be one of"):
+        audit(model, images[:1], labels[:1], attack="magic")
+
+
+def test_fedlearn_audit_sweeps_noise_with_epsilon_beside_each_psnr(tmp_path, capsys) -> None:
+    from fedlearn.cli import main
+
+    out = tmp_path / "sweep"
+    assert main(["audit", "--images", "1", "--iterations", "5", "--clip-norm", "4", "--sweep", "0,1",
+                 "--output", str(out)]) == 0
+    report = json.loads((out / "audit.json").read_text())
+    assert set(report) == {"z=0", "z=1"} and report["z=0"]["epsilon"] is None
+    assert report["z=1"]["epsilon"] == pytest.approx(release_epsilon(1.0))
+    assert "epsilon 4.73 for this one release" in capsys.readouterr().out
+    assert main(["audit", "--sweep", "0,1", "--output", str(out)]) == 2  # no clip: noise relative to nothing
+    assert "--sweep needs" in capsys.readouterr().err

@@ -1,10 +1,12 @@
-"""Privacy audits: gradient-inversion attacks (DLG, iDLG) on a client's FedSGD update, with and without DP."""
+"""Privacy audits: gradient-inversion attacks (DLG, iDLG, Geiping et al.'s cosine) on a client's FedSGD update,
+with and without DP."""
 
-from fedlearn.attacks.audit import AuditResult, audit, audit_images, client_payload
+from fedlearn.attacks.audit import AuditResult, audit, audit_images, client_payload, release_epsilon
 from fedlearn.attacks.gradient_inversion import (
     gradients_from_vector,
     idlg_label,
     invert_gradient,
+    invert_gradient_cosine,
     recover_label,
 )
 from fedlearn.attacks.metrics import psnr, to_pixels
@@ -21,8 +23,10 @@ __all__ = [
     "grid_image",
     "idlg_label",
     "invert_gradient",
+    "invert_gradient_cosine",
     "psnr",
     "recover_label",
+    "release_epsilon",
     "save_grid",
     "to_pixels",
 ]

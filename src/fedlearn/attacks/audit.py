@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedlearn.attacks.gradient_inversion import invert_gradient, recover_label
+from fedlearn.attacks.gradient_inversion import invert_gradient, invert_gradient_cosine, recover_label
 from fedlearn.attacks.metrics import psnr, to_pixels
 from fedlearn.client.app import ClientApp
 from fedlearn.client.data import ClientData
@@ -129,9 +129,26 @@ class AuditResult:
             "recovered_labels": self.recovered_labels,
             "clip_norm": self.clip_norm,
             "noise_multiplier": self.noise_multiplier,
+            "epsilon": release_epsilon(self.noise_multiplier),
+            "epsilon_is": f"one Gaussian release of one example's clipped update, add/remove one, delta "
+                          f"{AUDIT_DELTA:g}",
             "seconds": self.seconds,
             **self.settings,
         }
+
+
+AUDIT_DELTA = 1e-5
+ATTACKS = ("dlg", "cosine")
+
+
+def release_epsilon(noise_multiplier: float, delta: float = AUDIT_DELTA) -> float | None:
+    """Epsilon of the audited release: one Gaussian mechanism N(0, (z C)^2) on an update clipped to C (None: no
+    noise, no guarantee)."""
+    if noise_multiplier <= 0:
+        return None
+    from fedlearn.privacy.accountant import PrivacyAccountant  # dp_accounting only when there is noise
+
+    return PrivacyAccountant(noise_multiplier=noise_multiplier, sampling_rate=1.0, delta=delta).epsilon_after(1)
 
 
 def audit(
@@ -143,17 +160,25 @@ def audit(
     std: float | Sequence[float] | None = None,
     clip_norm: float = 0.0,
     noise_multiplier: float = 0.0,
-    iterations: int = 100,
-    lr: float = 1.0,
+    iterations: int | None = None,
+    lr: float | None = None,
     init: str = "uniform",
     seed: int = 0,
+    attack: str = "dlg",
+    tv_weight: float = 1e-2,
 ) -> AuditResult:
-    """Attack one FedSGD update per image: iDLG label, then DLG reconstruction; PSNR against the original.
+    """Attack one FedSGD update per image: iDLG label, then DLG (``attack="dlg"``, L-BFGS on the gradient distance)
+    or Geiping et al.'s noise-robust ``"cosine"`` attack (Adam on cosine distance plus ``tv_weight`` x TV); PSNR
+    against the original.
 
     ``images`` are [0, 1] pixels (N, C, H, W); the model sees ``(x - mean) / std`` (identity when
     both are None) and the reconstruction is mapped back and clipped to [0, 1]. All updates are
     taken at the model's current weights. The DP noise is seeded from ``seed`` so audits repeat.
     """
+    if attack not in ATTACKS:
+        raise ConfigError(f"--attack must be one of {', '.join(ATTACKS)}; got {attack!r}")
+    iterations = iterations if iterations is not None else (100 if attack == "dlg" else 400)  # L-BFGS / Adam steps
+    lr = lr if lr is not None else (1.0 if attack == "dlg" else 0.1)
     if images.dim() != 4 or images.shape[0] != len(labels):
         raise ConfigError(f"audit needs images (N, C, H, W) and N labels; got {tuple(images.shape)} and {len(labels)}")
     start = time.perf_counter()
@@ -164,9 +189,13 @@ def audit(
         payload = client_payload(model, x, y, clip_norm=clip_norm, noise_multiplier=noise_multiplier,
                                  noise_seed=derive_seed(seed, "audit-noise", i))
         label = recover_label(model, payload)
-        recon = invert_gradient(model, payload, tuple(x.shape), label, iterations=iterations, lr=lr,
-                                seed=derive_seed(seed, "audit-dummy", i), init=init,
-                                clip_norm=clip_norm if clip_norm > 0 else None, mean=mean, std=std)
+        common = dict(iterations=iterations, seed=derive_seed(seed, "audit-dummy", i), init=init,
+                      clip_norm=clip_norm if clip_norm > 0 else None, mean=mean, std=std)
+        if attack == "dlg":
+            recon = invert_gradient(model, payload, tuple(x.shape), label, lr=lr, **common)
+        else:
+            recon = invert_gradient_cosine(model, payload, tuple(x.shape), label, lr=lr, tv_weight=tv_weight,
+                                           **common)
         pixels = to_pixels(recon, mean, std)[0].float()
         recovered.append(label)
         psnrs.append(psnr(pixels, images[i].float()))
@@ -176,5 +205,6 @@ def audit(
         labels=labels, recovered_labels=recovered, psnrs=psnrs, originals=images.detach().float().clone(),
         reconstructions=torch.stack(recons), clip_norm=clip_norm, noise_multiplier=noise_multiplier,
         seconds=time.perf_counter() - start, baseline_psnrs=baseline,
-        settings={"iterations": iterations, "lr": lr, "init": init, "seed": seed},
+        settings={"attack": attack, "iterations": iterations, "lr": lr, "init": init, "seed": seed,
+                  **({"tv_weight": tv_weight} if attack == "cosine" else {})},
     )
