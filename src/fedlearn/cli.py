@@ -54,7 +54,8 @@ RUN_FLAGS: dict[str, tuple[type, str]] = {
     "--clip-norm": (float, "L2 bound on each client's update"),
     "--delta": (float, "DP delta (default min(1e-5, 1 / n^1.1) for n clients, or n training examples under "
                        "dpsgd)"),
-    "--target-epsilon": (float, "privacy budget: calibrate the noise to it, or stop before exceeding it "
+    "--target-epsilon": (float, "privacy budget: calibrate the noise to it, or stop before exceeding it; under "
+                         "dpsgd each client calibrates its own noise from its data size for --rounds rounds "
                          "(default none: no budget)"),
     "--client-budget": (float, "under --dp local or dpsgd: this client's own epsilon budget; it refuses any "
                         "training task that would exceed it, whatever the server asks (default none)"),

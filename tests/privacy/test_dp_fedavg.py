@@ -498,3 +498,31 @@ def test_a_dpsgd_simulation_publishes_the_epsilon_of_its_clients_counts(tmp_path
     expected = max(epsilon(c, k) for c, k in given.items())
     assert rows[-1]["epsilon"] == pytest.approx(expected, rel=1e-12)
     assert rows[0]["epsilon"] <= rows[-1]["epsilon"]
+
+
+def test_dpsgd_target_epsilon_calibrates_each_clients_noise_to_its_own_data_size() -> None:
+    from fedlearn.privacy.dpsgd import DPSGDHook, calibrated_noise, steps_per_round
+    from fedlearn.run.config import RunConfig
+    from fedlearn.run.experiment import build_experiment, client_policy
+
+    config = RunConfig(model="mcmahan-2nn", clients=3, partition="dirichlet", alpha=0.5, rounds=2, fraction=1.0,
+                       dp="dpsgd", target_epsilon=3.0, clip_norm=1.0, batch_size=16, local_epochs=1,
+                       seeded_privacy=True)
+    experiment = build_experiment(config)
+    sizes = {cid: len(c.train) for cid, c in experiment.clients.items()}
+    assert len(set(sizes.values())) == 3  # three data sizes: three noise levels
+    hook = client_policy(config).hooks["dpsgd"]
+    noise = {cid: hook.noise_for(n, 16, 1) for cid, n in sizes.items()}
+    assert len(set(noise.values())) == 3
+    for cid, n in sizes.items():  # each within the target over every round, and not far below it
+        spent = PrivacyAccountant(noise_multiplier=noise[cid], sampling_rate=16 / n,
+                                  delta=experiment.loop.strategy.delta).epsilon_after(2 * steps_per_round(n, 16, 1))
+        assert 2.85 < spent <= 3.0, (cid, n, noise[cid], spent)
+    rows = experiment.loop.run(2)
+    assert 2.85 < rows[-1]["epsilon"] <= 3.0  # the server's figure, from the clients' own calibration
+    assert noise == {cid: calibrated_noise(3.0, n, 16, 1, 2, experiment.loop.strategy.delta, "rdp")
+                     for cid, n in sizes.items()}
+    # a task asking for a looser budget (or a fixed noise instead of this client's budget) is weaker: refused
+    looser = DPSGDHook(DPSGDHook.Config(target_epsilon=6.0, rounds=2, delta=hook.config.delta))
+    fixed = DPSGDHook(DPSGDHook.Config(noise_multiplier=5.0, delta=hook.config.delta))
+    assert looser.weaker_than(hook) and fixed.weaker_than(hook) and not hook.weaker_than(hook)

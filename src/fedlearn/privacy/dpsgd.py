@@ -10,6 +10,7 @@ Opacus), which the client keeps: its policy withholds it, since it is a function
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -46,6 +47,20 @@ def poisson_batches(dataset: Dataset, batch_size: int, epochs: int, generator: P
 def steps_per_round(num_examples: int, batch_size: int, epochs: int) -> int:
     """How many DP-SGD steps (sampled Gaussian releases) one round of local training takes."""
     return epochs * max(1, round(num_examples / batch_size))
+
+
+@functools.cache
+def calibrated_noise(target_epsilon: float, num_examples: int, batch_size: int, epochs: int, rounds: int,
+                     delta: float, kind: str) -> float:
+    """The noise multiplier with which a client of ``num_examples`` examples stays within ``target_epsilon`` after
+    DP-SGD in every one of ``rounds`` rounds (its own data size sets its rate B / n and its steps: Opacus'
+    ``make_private_with_epsilon``, per client). Every round is assumed: a client cannot know how often it is sampled.
+    """
+    from fedlearn.privacy.accountant import calibrate_noise_multiplier  # dp_accounting only when DP-SGD runs
+
+    return calibrate_noise_multiplier(target_epsilon, sampling_rate=min(1.0, batch_size / num_examples),
+                                      steps=rounds * steps_per_round(num_examples, batch_size, epochs),
+                                      delta=delta, kind=kind)
 
 
 def private_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, clip_norm: float,
@@ -88,10 +103,15 @@ class DPSGDHook(TrainHook):
         noise_multiplier: float = field(default=1.0, metadata={"internal": True})
         delta: float = field(default=1e-5, metadata={"internal": True})
         accountant: str = field(default="rdp", metadata={"internal": True})
+        target_epsilon: float | None = field(default=None, metadata={"internal": True})  # calibrate z per client
+        rounds: int = field(default=1, metadata={"internal": True})  # the rounds the target must last
 
         def validate(self) -> None:
             positive("clip_norm", self.clip)
             positive("noise_multiplier", self.noise_multiplier)
+            if self.target_epsilon is not None:
+                positive("target_epsilon", self.target_epsilon)
+                positive("rounds", self.rounds)
             if not 0 < self.delta < 1:
                 raise ConfigError(f"--delta must be in (0, 1); got {self.delta}")
             from fedlearn.privacy.accountant import ACCOUNTANTS  # dp_accounting only when DP-SGD runs
@@ -104,18 +124,31 @@ class DPSGDHook(TrainHook):
         self.generator = generator
 
     def weaker_than(self, other: TrainHook) -> bool:
-        return isinstance(other, DPSGDHook) and (self.config.noise_multiplier < other.config.noise_multiplier
-                                                 or self.config.clip > other.config.clip)
+        if not isinstance(other, DPSGDHook):
+            return False
+        mine, theirs = self.config, other.config
+        if theirs.target_epsilon is not None:  # a budget per client: a larger one, or a fixed noise, is weaker
+            return (mine.target_epsilon is None or mine.target_epsilon > theirs.target_epsilon
+                    or mine.rounds < theirs.rounds or mine.clip > theirs.clip)
+        return mine.noise_multiplier < theirs.noise_multiplier or mine.clip > theirs.clip
+
+    def noise_for(self, num_examples: int, batch_size: int, epochs: int) -> float:
+        """The noise multiplier this client trains with: the configured one, or calibrated to its data size."""
+        c = self.config
+        if c.target_epsilon is None:
+            return c.noise_multiplier
+        return calibrated_noise(c.target_epsilon, num_examples, batch_size, epochs, c.rounds, c.delta, c.accountant)
 
     def batches(self, ctx: HookContext, dataset: Dataset, batch_size: int):
         self.n = len(dataset)
         self.batch_size = batch_size
+        self.z = self.noise_for(self.n, batch_size, ctx.local.local_epochs)
         return poisson_batches(dataset, batch_size, ctx.local.local_epochs, self.generator, ctx.device)
 
     def backward(self, ctx: HookContext, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                  loss: Loss) -> torch.Tensor:
         return torch.tensor(private_gradients(
-            model, x, y, clip_norm=self.config.clip, noise_multiplier=self.config.noise_multiplier,
+            model, x, y, clip_norm=self.config.clip, noise_multiplier=self.z,
             expected_batch=min(self.batch_size, self.n), generator=self.generator, loss=loss))
 
     def end(self, ctx: HookContext, params: list[torch.Tensor]) -> None:
@@ -124,7 +157,7 @@ class DPSGDHook(TrainHook):
         ctx.new_state["dpsgd_steps"] = torch.tensor(steps, dtype=torch.int64)
         from fedlearn.privacy.accountant import PrivacyAccountant
 
-        accountant = PrivacyAccountant(noise_multiplier=self.config.noise_multiplier,
+        accountant = PrivacyAccountant(noise_multiplier=self.z,
                                        sampling_rate=min(1.0, self.batch_size / self.n), delta=self.config.delta,
                                        kind=self.config.accountant)
         ctx.metrics["epsilon"] = accountant.epsilon_after(steps)

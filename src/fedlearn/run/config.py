@@ -238,9 +238,6 @@ class RunConfig(TrainingKeys):
         if self.dp in ("local", "dpsgd") and (self.target_epsilon is not None and self.target_mode == "stop"
                                               or self.adaptive_clip_quantile is not None):
             raise ConfigError(f"--dp {self.dp} supports --target-mode calibrate only, without --adaptive-clip-quantile")
-        if self.dp == "dpsgd" and self.target_epsilon is not None:
-            raise ConfigError("--dp dpsgd: give --noise-multiplier (calibrating to --target-epsilon needs each "
-                              "client's data size, which the server does not know before training)")
         if self.evaluation != "centralized":
             raise ConfigError(f"--dp {self.dp} with --evaluation {self.evaluation}: each client would send its test "
                               "loss, accuracy and count unnoised, which epsilon does not cover; use --evaluation "

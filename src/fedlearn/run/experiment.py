@@ -161,6 +161,8 @@ def resolve_privacy(config: RunConfig, examples: int | None = None) -> RunConfig
         # every round counts for a client, with sensitivity 2C: calibrate z / 2 without sampling
         changes["noise_multiplier"] = 2 * calibrate_noise_multiplier(
             config.target_epsilon, sampling_rate=1.0, steps=config.rounds, delta=delta, kind=config.accountant)
+    elif config.target_epsilon is not None and config.dp == "dpsgd":
+        pass  # each client calibrates its own noise from its own data size (DPSGDHook.noise_for)
     elif config.target_epsilon is not None and config.target_mode == "calibrate":
         changes["noise_multiplier"] = calibrate_noise_multiplier(
             config.target_epsilon, sampling_rate=config.fraction, steps=config.rounds, delta=delta,
@@ -216,7 +218,8 @@ def strategy_for(config: RunConfig, clients: Mapping[str, ClientData] | None = N
         counts = None if not clients else {cid: (len(c.train), c.batch_size or config.batch_size)
                                            for cid, c in clients.items()}
         return DPSGD(strategy, clip_norm=config.clip_norm, noise_multiplier=config.noise_multiplier,
-                     delta=config.delta, accountant=config.accountant, counts=counts)
+                     delta=config.delta, accountant=config.accountant, counts=counts,
+                     target_epsilon=config.target_epsilon, rounds=config.rounds)
     if config.dp == "local":
         return LocalDP(strategy, clip_norm=config.clip_norm, noise_multiplier=config.noise_multiplier,
                        delta=config.delta, accountant=config.accountant)
@@ -249,7 +252,8 @@ def client_policy(config: RunConfig) -> ClientPolicy:
     if config.dp == "dpsgd":
         config = resolve_privacy(config)
         hook = DPSGDHook(DPSGDHook.Config(clip=config.clip_norm, noise_multiplier=config.noise_multiplier,
-                                          delta=config.delta, accountant=config.accountant))
+                                          delta=config.delta, accountant=config.accountant,
+                                          target_epsilon=config.target_epsilon, rounds=config.rounds))
         return ClientPolicy(hooks={"dpsgd": hook}, withheld=(*UNNOISED_METRICS, *DPSGD_WITHHELD),
                             budget=client_budget(config), count_withheld=True)
     return ClientPolicy()  # central DP trusts the server, which clips again (adaptively, when asked) and noises

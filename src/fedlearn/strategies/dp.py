@@ -312,7 +312,8 @@ class DPSGD(Wrapper):
     secure_refusal = "--dp dpsgd with secure aggregation or HE is not supported yet"
 
     def __init__(self, inner: Strategy, *, clip_norm: float, noise_multiplier: float, delta: float,
-                 accountant: str = "rdp", counts: Mapping[str, tuple[int, int]] | None = None) -> None:
+                 accountant: str = "rdp", counts: Mapping[str, tuple[int, int]] | None = None,
+                 target_epsilon: float | None = None, rounds: int = 1) -> None:
         _check_dp(clip_norm, noise_multiplier)
         if noise_multiplier <= 0:
             raise ConfigError("--dp dpsgd needs --clip-norm > 0 and --noise-multiplier > 0")
@@ -320,12 +321,14 @@ class DPSGD(Wrapper):
         self.weighting = "uniform"
         self.clip_norm, self.noise_multiplier, self.delta, self.kind = clip_norm, noise_multiplier, delta, accountant
         self.counts = dict(counts) if counts is not None else None
+        self.target_epsilon, self.rounds = target_epsilon, rounds  # each client calibrates its own noise to it
         self.tasks: dict[str, int] = {}  # training tasks given to each client (each a round of DP-SGD releases)
         self._ledger = None
 
     def hooks(self) -> dict[str, dict[str, Any]]:
+        target = {} if self.target_epsilon is None else {"target_epsilon": self.target_epsilon, "rounds": self.rounds}
         return {**self.inner.hooks(), "dpsgd": {"clip": self.clip_norm, "noise_multiplier": self.noise_multiplier,
-                                                "delta": self.delta, "accountant": self.kind}}
+                                                "delta": self.delta, "accountant": self.kind, **target}}
 
     def configure_train(self, rnd: int, state: ServerState, client_ids: Sequence[str], seed: int) -> list[TrainTask]:
         tasks = super().configure_train(rnd, state, client_ids, seed)
@@ -338,15 +341,20 @@ class DPSGD(Wrapper):
         if self.counts is None:
             return None
         if self._ledger is None:
-            from fedlearn.privacy.accountant import DPSGDLedger  # dp_accounting only when DP-SGD runs
-            from fedlearn.privacy.dpsgd import steps_per_round
+            from fedlearn.privacy.dpsgd import DPSGDHook  # dp_accounting only when DP-SGD runs
 
-            self._ledger, self._steps = DPSGDLedger(self.noise_multiplier, self.delta, self.kind), steps_per_round
+            self._ledger = {}
+            self._hook = DPSGDHook(DPSGDHook.Config(**self.hooks()["dpsgd"]))
+        from fedlearn.privacy.accountant import DPSGDLedger
+        from fedlearn.privacy.dpsgd import steps_per_round
+
         epochs = self.local.local_epochs
         worst = 0.0
         for cid, given in self.tasks.items():
             n, batch = self.counts[cid]
-            worst = max(worst, self._ledger.epsilon(min(1.0, batch / n), given * self._steps(n, batch, epochs)))
+            z = self._hook.noise_for(n, batch, epochs)  # what the client trains with, calibrated as it does
+            ledger = self._ledger.setdefault(z, DPSGDLedger(z, self.delta, self.kind))
+            worst = max(worst, ledger.epsilon(min(1.0, batch / n), given * steps_per_round(n, batch, epochs)))
         return worst
 
     def round_metrics(self) -> dict[str, Any]:
@@ -354,8 +362,10 @@ class DPSGD(Wrapper):
 
     def privacy_summary(self) -> dict[str, Any]:
         held = self.counts is None
+        calibrated = {} if self.target_epsilon is None else {
+            "target_epsilon": self.target_epsilon, "noise_multiplier": "calibrated per client to target_epsilon"}
         return {"epsilon": self.epsilon(), "delta": self.delta, "noise_multiplier": self.noise_multiplier,
-                "clip_norm": self.clip_norm, "accountant": self.kind, "dp": "dpsgd",
+                "clip_norm": self.clip_norm, "accountant": self.kind, "dp": "dpsgd", **calibrated,
                 "epsilon_is": ("per example, held by each client's own accountant (the server sees no count)" if held
                                else "per example, the largest over clients, from their data sizes and the tasks "
                                     "each was given")}
