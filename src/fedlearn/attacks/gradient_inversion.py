@@ -110,6 +110,33 @@ def _model_space(x: torch.Tensor, mean: float | Sequence[float] | None,
     return (x - m) / s
 
 
+def _attack_setup(model: nn.Module, target_grad: torch.Tensor | Sequence[torch.Tensor], input_shape: Sequence[int],
+                  label: int | None, *, iterations: int, seed: int, init: str, mean: float | Sequence[float] | None,
+                  std: float | Sequence[float] | None) -> tuple[list[torch.Tensor], list[nn.Parameter], torch.Tensor,
+                                                                torch.Tensor]:
+    """(target gradients, trainable parameters, the dummy input to optimize, its label tensor) of an attack."""
+    if iterations < 1:
+        raise ConfigError(f"iterations must be >= 1, got {iterations}")
+    target = as_gradient_list(model, target_grad)
+    if label is None:
+        label = idlg_label(target[last_layer_index(model)])
+    params = [p for _, p in trainable_parameters(model)]
+    device = params[0].device
+    generator = torch.Generator().manual_seed(seed)
+    dummy = _dummy((1, *input_shape), init, generator, mean, std).to(device).requires_grad_(True)
+    return target, params, dummy, torch.tensor([label], device=device)
+
+
+def _dummy_gradients(model: nn.Module, dummy: torch.Tensor, y: torch.Tensor, params: list[nn.Parameter],
+                     clip_norm: float | None) -> list[torch.Tensor]:
+    """The dummy's parameter gradients (differentiable), clipped as the client clips (the attacker knows C)."""
+    grads = torch.autograd.grad(F.cross_entropy(model(dummy), y), params, create_graph=True)
+    if clip_norm is not None and clip_norm > 0:
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        grads = [g * torch.clamp(clip_norm / (norm + 1e-12), max=1.0) for g in grads]
+    return list(grads)
+
+
 def invert_gradient(
     model: nn.Module,
     target_grad: torch.Tensor | Sequence[torch.Tensor],
@@ -133,16 +160,8 @@ def invert_gradient(
     alone does not hide the input. ``mean``/``std`` only map the [0, 1] dummy start into the
     model's input space; the result is in that space too. The lowest-distance input seen is returned.
     """
-    if iterations < 1:
-        raise ConfigError(f"iterations must be >= 1, got {iterations}")
-    target = as_gradient_list(model, target_grad)
-    if label is None:
-        label = idlg_label(target[last_layer_index(model)])
-    params = [p for _, p in trainable_parameters(model)]
-    device = params[0].device
-    generator = torch.Generator().manual_seed(seed)
-    dummy = _dummy((1, *input_shape), init, generator, mean, std).to(device).requires_grad_(True)
-    y = torch.tensor([label], device=device)
+    target, params, dummy, y = _attack_setup(model, target_grad, input_shape, label, iterations=iterations,
+                                             seed=seed, init=init, mean=mean, std=std)
     optimizer = torch.optim.LBFGS(
         [dummy], lr=lr, max_iter=iterations, max_eval=int(iterations * 1.25), history_size=history_size,
         tolerance_grad=0.0, tolerance_change=0.0, line_search_fn="strong_wolfe",
@@ -151,11 +170,7 @@ def invert_gradient(
 
     def closure() -> torch.Tensor:
         nonlocal best
-        grads = torch.autograd.grad(F.cross_entropy(model(dummy), y), params, create_graph=True)
-        if clip_norm is not None and clip_norm > 0:
-            norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
-            scale = torch.clamp(clip_norm / (norm + 1e-12), max=1.0)
-            grads = [g * scale for g in grads]
+        grads = _dummy_gradients(model, dummy, y, params, clip_norm)
         distance = sum(((g - t) ** 2).sum() for g, t in zip(grads, target))
         dummy.grad = torch.autograd.grad(distance, dummy)[0]
         value = float(distance.detach())
@@ -191,26 +206,15 @@ def invert_gradient_cosine(
     gradient steps, the dummy kept inside the image's pixel range. The cosine ignores the update's scale, so clipping
     and isotropic noise hurt it less than DLG's distance; the prior favours natural images. Returns (1, *shape).
     """
-    if iterations < 1:
-        raise ConfigError(f"iterations must be >= 1, got {iterations}")
-    target = as_gradient_list(model, target_grad)
-    if label is None:
-        label = idlg_label(target[last_layer_index(model)])
-    params = [p for _, p in trainable_parameters(model)]
-    device = params[0].device
-    generator = torch.Generator().manual_seed(seed)
-    dummy = _dummy((1, *input_shape), init, generator, mean, std).to(device).requires_grad_(True)
-    low = _model_space(torch.zeros((1, *input_shape)), mean, std).to(device)
-    high = _model_space(torch.ones((1, *input_shape)), mean, std).to(device)
-    y = torch.tensor([label], device=device)
+    target, params, dummy, y = _attack_setup(model, target_grad, input_shape, label, iterations=iterations,
+                                             seed=seed, init=init, mean=mean, std=std)
+    low = _model_space(torch.zeros((1, *input_shape)), mean, std).to(dummy.device)
+    high = _model_space(torch.ones((1, *input_shape)), mean, std).to(dummy.device)
     target_norm = torch.sqrt(sum(t.pow(2).sum() for t in target))
     optimizer = torch.optim.Adam([dummy], lr=lr)
     best = (float("inf"), dummy.detach().clone())
     for _ in range(iterations):
-        grads = torch.autograd.grad(F.cross_entropy(model(dummy), y), params, create_graph=True)
-        if clip_norm is not None and clip_norm > 0:
-            norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
-            grads = [g * torch.clamp(clip_norm / (norm + 1e-12), max=1.0) for g in grads]
+        grads = _dummy_gradients(model, dummy, y, params, clip_norm)
         dot = sum((g * t).sum() for g, t in zip(grads, target))
         norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
         loss = 1 - dot / (norm * target_norm + 1e-12) + tv_weight * total_variation(dummy)
