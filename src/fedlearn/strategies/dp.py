@@ -323,7 +323,7 @@ class DPSGD(Wrapper):
         self.counts = dict(counts) if counts is not None else None
         self.target_epsilon, self.rounds = target_epsilon, rounds  # each client calibrates its own noise to it
         self.tasks: dict[str, int] = {}  # training tasks given to each client (each a round of DP-SGD releases)
-        self._ledger = None
+        self._ledgers: dict[float, Any] = {}  # one per noise multiplier, each caching RDP per rate
 
     def hooks(self) -> dict[str, dict[str, Any]]:
         target = {} if self.target_epsilon is None else {"target_epsilon": self.target_epsilon, "rounds": self.rounds}
@@ -340,20 +340,16 @@ class DPSGD(Wrapper):
         """The largest epsilon over the clients given tasks (None where the server knows no counts)."""
         if self.counts is None:
             return None
-        if self._ledger is None:
-            from fedlearn.privacy.dpsgd import DPSGDHook  # dp_accounting only when DP-SGD runs
+        from fedlearn.privacy.accountant import DPSGDLedger  # dp_accounting only when DP-SGD runs
+        from fedlearn.privacy.dpsgd import DPSGDHook, steps_per_round
 
-            self._ledger = {}
-            self._hook = DPSGDHook(DPSGDHook.Config(**self.hooks()["dpsgd"]))
-        from fedlearn.privacy.accountant import DPSGDLedger
-        from fedlearn.privacy.dpsgd import steps_per_round
-
+        hook = DPSGDHook(DPSGDHook.Config(**self.hooks()["dpsgd"]))  # calibrates each client's noise as it does
         epochs = self.local.local_epochs
         worst = 0.0
         for cid, given in self.tasks.items():
             n, batch = self.counts[cid]
-            z = self._hook.noise_for(n, batch, epochs)  # what the client trains with, calibrated as it does
-            ledger = self._ledger.setdefault(z, DPSGDLedger(z, self.delta, self.kind))
+            z = hook.noise_for(n, batch, epochs)
+            ledger = self._ledgers.setdefault(z, DPSGDLedger(z, self.delta, self.kind))
             worst = max(worst, ledger.epsilon(min(1.0, batch / n), given * steps_per_round(n, batch, epochs)))
         return worst
 
