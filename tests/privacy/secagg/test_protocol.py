@@ -216,6 +216,7 @@ def test_secagg_plus_parameters_meet_2_to_the_minus_40_and_t_over_half():
     assert secagg_plus_parameters(100, 1 / 3, 0.1) == (60, 34)  # against 2 log2 n = 14 before
     assert secagg_plus_parameters(10, 1 / 3, 0.1) is None  # only the complete graph gives 2^-40 there
     assert secagg_plus_parameters(1000, 1 / 3, 0.1)[0] < 1000 // 5  # sub-linear: it pays at scale
+    assert secagg_plus_parameters(10_000, 0.49, 0.49) is None  # nothing up to MAX_DEGREE: the complete graph
 
 
 def test_threshold_forms():

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from collections.abc import Sequence
 
 SECURITY_BITS = 40  # Bell et al.'s sigma: a client's input is exposed with probability at most 2^-40
 CORRECTNESS_BITS = 20  # eta: a round fails to unmask (and reveals nothing) with probability at most 2^-20
+MAX_DEGREE = 512  # past this SecAgg+ saves little over SecAgg's complete graph: the search stops there
 
 
 def _log_choose(n: int, k: int) -> float:
@@ -26,6 +28,7 @@ def hypergeometric_tail(population: int, marked: int, draws: int, at_least: int)
     return min(1.0, math.exp(peak) * sum(math.exp(t - peak) for t in terms))
 
 
+@functools.cache
 def secagg_plus_parameters(n: int, corrupt: float, dropout: float, *, sigma: int = SECURITY_BITS,
                            eta: int = CORRECTNESS_BITS) -> tuple[int, int] | None:
     """The fewest neighbours k (even) and a threshold t > (k + 1) / 2 of the k + 1 share holders for which SecAgg+
@@ -38,21 +41,26 @@ def secagg_plus_parameters(n: int, corrupt: float, dropout: float, *, sigma: int
     its secrets (n * P[hypergeometric >= t]); and no run of k/2 consecutive corrupt or dropped clients on the ring
     cuts the honest survivors into groups whose partial sums the server would learn (n * C(m, k/2) / C(n, k/2)).
     Correctness (2^-eta): every client keeps t surviving neighbours (n * P[more than k - t neighbours dropped]).
+    k is searched up to ``MAX_DEGREE``.
     """
     bad, gone = math.floor(corrupt * n), math.floor(dropout * n)
     half_risk = 2.0 ** -(sigma + 1)
-    for k in range(2, n - 1, 2):
+    for k in range(2, min(n - 1, MAX_DEGREE + 1), 2):
         run, either = k // 2, bad + gone
         cut = 0.0 if run > either else n * math.exp(_log_choose(either, run) - _log_choose(n, run))
         if cut > half_risk:
             continue
-        for t in range((k + 1) // 2 + 1, k + 1):
-            exposed = n * hypergeometric_tail(n - 1, bad, k, t)
-            stuck = n * hypergeometric_tail(n - 1, gone, k, k - t + 1)
-            if exposed <= half_risk and stuck <= 2.0 ** -eta:
-                return k, t
-            if exposed <= half_risk:  # a larger t only makes correctness worse
-                break
+        # the smallest t > (k + 1) / 2 that exposes no one: exposure falls as t grows, and a larger t only makes
+        # correctness worse, so it is the one to try
+        low, high = (k + 1) // 2 + 1, k + 1
+        while low < high:
+            mid = (low + high) // 2
+            if n * hypergeometric_tail(n - 1, bad, k, mid) <= half_risk:
+                high = mid
+            else:
+                low = mid + 1
+        if low <= k and n * hypergeometric_tail(n - 1, gone, k, k - low + 1) <= 2.0 ** -eta:
+            return k, low
     return None
 
 
