@@ -49,7 +49,10 @@ class Procs:
         self.started: list[subprocess.Popen] = []  # every process, for stop_all
 
     def start(self, name: str, *args: str, env: Mapping[str, str] | None = None) -> subprocess.Popen:
-        """``fedlearn ARGS`` as process ``name`` (``env`` is added to this process's environment)."""
+        """``fedlearn ARGS`` as process ``name`` (``env`` is added to this process's environment). A client backs
+        off at most 2 s between reconnects (not 30), so a restarted server is rejoined in test time."""
+        if args and args[0] == "client" and "--max-backoff" not in args:
+            args = (*args, "--max-backoff", "2")
         with open(self.folder / f"{name}.log", "ab") as log:
             proc = subprocess.Popen([*FEDLEARN, *args], stdout=log, stderr=subprocess.STDOUT, cwd=self.folder,
                                     env={**os.environ, **env} if env else None)

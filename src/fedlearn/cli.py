@@ -233,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "accountant, personal layers); default fedlearn-client-state/<client id>")
     client.add_argument("--give-up-after", type=float, default=3600.0,
                         help="seconds without reaching the server before exiting (default 3600)")
+    client.add_argument("--max-backoff", type=float, default=30.0,
+                        help="longest wait in seconds between reconnect attempts (exponential backoff with jitter; "
+                             "default 30)")
     _add_config_flags(client, {k: v for k, v in RUN_FLAGS.items() if k not in ("--output",)})
 
     certs = sub.add_parser("certs", help="development certificates for TLS and mutual TLS")
@@ -358,7 +361,7 @@ def cmd_client(args: argparse.Namespace) -> int:
     tls = TLSFiles(cert=args.cert, key=args.key, ca=args.ca)
     run_client(config, args.server, client_id=args.client_id, partition_index=args.partition_index, tls=tls,
                token_file=args.token_file, insecure=args.insecure, give_up_after=args.give_up_after,
-               state_dir=args.state_dir)
+               state_dir=args.state_dir, max_backoff=args.max_backoff)
     return 0
 
 

@@ -47,6 +47,12 @@ def test_bad_numbers_are_one_line_in_every_command(command: str, flags: list[str
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("value", ["-1", "0", "nan"])
+def test_a_client_refuses_a_backoff_that_would_spin(value: str, capsys) -> None:
+    assert main([*PREFIX["client"], "--max-backoff", value]) == 2
+    _one_error_line(capsys, "--max-backoff must be a number of seconds > 0")
+
+
 def test_an_infinite_round_timeout_is_refused_by_the_server(capsys, tmp_path: Path) -> None:
     assert main([*PREFIX["server"], "--output", str(tmp_path / "run"), "--round-timeout", "inf"]) == 2
     _one_error_line(capsys, "--round-timeout must be a finite number; got inf")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import threading
@@ -255,6 +256,7 @@ def run_client(
     poll_seconds: float = 10.0,
     give_up_after: float | None = 3600.0,
     state_dir: str | os.PathLike | None = None,
+    max_backoff: float = 30.0,
 ) -> int:
     """Join ``server`` as one client and answer its tasks until the run finishes; returns tasks done.
 
@@ -269,6 +271,8 @@ def run_client(
     tls = tls or TLSFiles()
     if (tls.cert is None) != (tls.key is None):
         raise ConfigError("give both --cert and --key for mutual TLS, or neither")
+    if not (math.isfinite(max_backoff) and max_backoff > 0):
+        raise ConfigError(f"--max-backoff must be a number of seconds > 0; got {max_backoff}")
     require_tls(server, tls=tls.ca is not None, insecure=insecure, role="client")
     credentials = channel_credentials(tls.ca, tls.cert, tls.key) if tls.ca else None
     token = None
@@ -308,7 +312,7 @@ def run_client(
         examples = (1, 0)
     client = RemoteClient(server, client_id, app, credentials=credentials, token=token,
                           poll_seconds=poll_seconds, give_up_after=give_up_after, on_join=open_state,
-                          examples=examples)
+                          examples=examples, max_backoff=max_backoff)
     logging.getLogger("fedlearn.client").info("client %s joining %s", client_id, server)
     try:
         return client.run()
