@@ -72,3 +72,23 @@ def test_a_dpsgd_client_counts_its_steps_against_its_budget(tmp_path) -> None:
 def test_a_client_budget_needs_a_client_side_dp_mode() -> None:
     with pytest.raises(ConfigError, match="--client-budget is a client's own epsilon budget under --dp local"):
         RunConfig(dp="central", client_budget=3.0).validate()
+
+
+def test_a_dpsgd_client_with_a_target_counts_its_budget_at_its_calibrated_noise(tmp_path) -> None:
+    """With --target-epsilon the hook trains at a noise calibrated from the client's 32 examples; its budget must
+    count at that noise, not at the configured fallback (1.0)."""
+    from fedlearn.privacy.dpsgd import calibrated_noise
+
+    config = RunConfig(dp="dpsgd", target_epsilon=3.0, rounds=6, clip_norm=1.0, delta=1e-5, client_budget=1.5,
+                       clients=4)
+    app, weights = _app(config, ClientStateStore(tmp_path))
+    z = calibrated_noise(3.0, 32, 8, 1, 6, 1e-5, "rdp")
+    assert z != config.noise_multiplier
+    per_round = [PrivacyAccountant(noise_multiplier=z, sampling_rate=0.25, delta=1e-5).epsilon_after(4 * k)
+                 for k in range(1, 7)]
+    allowed = sum(e <= 1.5 for e in per_round)
+    assert 1 <= allowed < 6
+    for rnd in range(1, allowed + 1):
+        app(_task(weights, rnd))
+    with pytest.raises(BudgetSpent, match=f"round {allowed + 1} would take its epsilon to {per_round[allowed]:.3g}"):
+        app(_task(weights, allowed + 1))

@@ -39,7 +39,6 @@ class TaskRefused(FedLearnError):
 
 
 UNNOISED_METRICS = ("train_loss",)  # what a DP client keeps from the server its noise protects it against
-DPSGD_WITHHELD = ("epsilon", "dpsgd_steps")  # functions of a DP-SGD client's example count: kept with it
 
 
 @dataclass

@@ -36,6 +36,8 @@ class ClientBudget:
     mode: str
     noise_multiplier: float
     accountant: str = "rdp"
+    target_epsilon: float | None = None  # dpsgd: the noise is calibrated to it from the client's data size
+    rounds: int = 1
 
     def releases(self, task: TrainTask, num_examples: int) -> tuple[float, int]:
         """(sampling rate, count) of the releases one round of ``task`` makes."""
@@ -51,10 +53,21 @@ class ClientBudget:
         value = state.get(COUNTERS[self.mode])
         return int(value) if value is not None else 0
 
-    def epsilon_after(self, sampling_rate: float, count: int) -> float:
+    def noise(self, task: TrainTask, num_examples: int) -> float:
+        """The noise multiplier this client's releases carry: the configured one, or (DP-SGD with a target) the one
+        its hook calibrates from its data size."""
+        if self.mode != "dpsgd" or self.target_epsilon is None:
+            return self.noise_multiplier
+        from fedlearn.privacy.dpsgd import calibrated_noise
+
+        return calibrated_noise(self.target_epsilon, num_examples, int(task.config["batch_size"]),
+                                int(task.config["local_epochs"]), self.rounds, self.delta, self.accountant)
+
+    def epsilon_after(self, sampling_rate: float, count: int, noise_multiplier: float | None = None) -> float:
         from fedlearn.privacy.accountant import PrivacyAccountant  # dp-accounting only under DP
 
-        z = self.noise_multiplier / 2 if self.mode == "local" else self.noise_multiplier
+        z = self.noise_multiplier if noise_multiplier is None else noise_multiplier
+        z = z / 2 if self.mode == "local" else z
         return PrivacyAccountant(noise_multiplier=z, sampling_rate=sampling_rate, delta=self.delta,
                                  kind=self.accountant).epsilon_after(count)
 
@@ -62,7 +75,7 @@ class ClientBudget:
         """The privacy counters after this round, or BudgetSpent when the round would exceed the budget."""
         rate, count = self.releases(task, num_examples)
         total = self.spent(state) + count
-        after = self.epsilon_after(rate, total)
+        after = self.epsilon_after(rate, total, self.noise(task, num_examples))
         if after > self.epsilon:
             raise BudgetSpent(f"client {task.client_id}: round {task.round} would take its epsilon to {after:.3g}, "
                               f"past its own budget {self.epsilon:g} (--client-budget); it takes no more training "

@@ -4,8 +4,8 @@ Each step takes a Poisson sample of the client's examples (each with probability
 the accountant assumes), clips every example's gradient to L2 norm C, sums them, adds
 N(0, (z C)^2) and divides by the expected batch size B. The ``dpsgd`` client hook runs it and
 keeps the client's own accountant: the steps it actually ran, at the rate it actually used, are
-stored in the client's state and turned into its epsilon (the mechanism feeds its accountant, as in
-Opacus), which the client keeps: its policy withholds it, since it is a function of n.
+stored in the client's state, where its own budget (``--client-budget``) turns them into its epsilon (the
+mechanism feeds its accountant, as in Opacus). Nothing of it is sent: epsilon and steps are functions of n.
 """
 
 from __future__ import annotations
@@ -154,11 +154,4 @@ class DPSGDHook(TrainHook):
     def end(self, ctx: HookContext, params: list[torch.Tensor]) -> None:
         before = ctx.state.get("dpsgd_steps")
         steps = (int(before) if before is not None else 0) + ctx.steps
-        ctx.new_state["dpsgd_steps"] = torch.tensor(steps, dtype=torch.int64)
-        from fedlearn.privacy.accountant import PrivacyAccountant
-
-        accountant = PrivacyAccountant(noise_multiplier=self.z,
-                                       sampling_rate=min(1.0, self.batch_size / self.n), delta=self.config.delta,
-                                       kind=self.config.accountant)
-        ctx.metrics["epsilon"] = accountant.epsilon_after(steps)
-        ctx.metrics["dpsgd_steps"] = float(steps)
+        ctx.new_state["dpsgd_steps"] = torch.tensor(steps, dtype=torch.int64)  # what its budget counts

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
-from fedlearn.client.app import DPSGD_WITHHELD, UNNOISED_METRICS, ClientApp, ClientPolicy
+from fedlearn.client.app import UNNOISED_METRICS, ClientApp, ClientPolicy
 from fedlearn.client.budget import ClientBudget
 from fedlearn.client.data import ClientData
 from fedlearn.client.secure import SecureClients
@@ -254,8 +254,8 @@ def client_policy(config: RunConfig) -> ClientPolicy:
         hook = DPSGDHook(DPSGDHook.Config(clip=config.clip_norm, noise_multiplier=config.noise_multiplier,
                                           delta=config.delta, accountant=config.accountant,
                                           target_epsilon=config.target_epsilon, rounds=config.rounds))
-        return ClientPolicy(hooks={"dpsgd": hook}, withheld=(*UNNOISED_METRICS, *DPSGD_WITHHELD),
-                            budget=client_budget(config), count_withheld=True)
+        return ClientPolicy(hooks={"dpsgd": hook}, withheld=UNNOISED_METRICS, budget=client_budget(config),
+                            count_withheld=True)
     return ClientPolicy()  # central DP trusts the server, which clips again (adaptively, when asked) and noises
 
 
@@ -263,7 +263,8 @@ def client_budget(config: RunConfig) -> ClientBudget | None:
     """The client's own budget from its own (privacy-resolved) config, or None without --client-budget."""
     if config.client_budget is None:
         return None
-    return ClientBudget(config.client_budget, config.delta, config.dp, config.noise_multiplier, config.accountant)
+    return ClientBudget(config.client_budget, config.delta, config.dp, config.noise_multiplier, config.accountant,
+                        target_epsilon=config.target_epsilon if config.dp == "dpsgd" else None, rounds=config.rounds)
 
 
 def client_app(config: RunConfig, model: torch.nn.Module, clients: dict[str, ClientData], task: str, *,
