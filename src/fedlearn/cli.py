@@ -49,7 +49,9 @@ RUN_FLAGS: dict[str, tuple[type, str]] = {
                                "with --evaluation federated or both; 0 with centralized, where no one uses it)"),
     "--evaluation": (str, "centralized, federated or both"),
     "--dp": (str, "none; central: DP-FedAvg (clip, server-side Gaussian noise, Poisson sampling); local: clients "
-             "clip and noise their own updates (untrusted server); dpsgd: sample-level DP-SGD in local training"),
+             "clip and noise their own updates (untrusted server); dpsgd: sample-level DP-SGD in local training; "
+             "distributed: clients add discrete Gaussian noise shares inside --secure-aggregation secagg or secagg+ "
+             "(untrusted server)"),
     "--noise-multiplier": (float, "Gaussian noise std as a multiple of --clip-norm"),
     "--clip-norm": (float, "L2 bound on each client's update"),
     "--delta": (float, "DP delta (default min(1e-5, 1 / n^1.1) for n clients, or n training examples under "

@@ -25,3 +25,7 @@ class InvalidUpdateError(FedLearnError):
 
 class CheckpointError(FedLearnError):
     """A run directory cannot be resumed (missing or damaged checkpoint)."""
+
+
+class TaskRefused(FedLearnError):
+    """The client will not run this task (it asks for less privacy than the client's policy, or is malformed)."""

@@ -25,17 +25,14 @@ from fedlearn.client.hooks import TrainHook, build_hooks
 from fedlearn.client.secure import SecureClients
 from fedlearn.client.state import VERSIONS_KEPT, ClientStateStore
 from fedlearn.client.trainer import LocalTrainer
-from fedlearn.errors import FedLearnError, InvalidUpdateError
+from fedlearn.errors import InvalidUpdateError, TaskRefused
+from fedlearn.privacy.distributed import SharePolicy
 from fedlearn.privacy.dp import PrivacyRandom
 from fedlearn.protocol.messages import EvalResult, EvalTask, Message, SecureTask, TrainResult, TrainTask
 from fedlearn.seeding import derive_seed
 from fedlearn.transforms.base import TransformContext, UpdateTransform, build_transforms
 
 log = logging.getLogger(__name__)
-
-
-class TaskRefused(FedLearnError):
-    """The client will not run this task (it asks for less privacy than the client's policy, or is malformed)."""
 
 
 UNNOISED_METRICS = ("train_loss",)  # what a DP client keeps from the server its noise protects it against
@@ -50,6 +47,7 @@ class ClientPolicy:
     withheld: tuple[str, ...] = ()  # metrics the client never sends (unnoised functions of its data)
     budget: ClientBudget | None = None  # the client's own epsilon budget (local DP, DP-SGD)
     count_withheld: bool = False  # send weight 1, not the example count (DP-SGD: the count is private)
+    share: SharePolicy | None = None  # distributed DP: the least noise share and the largest clip it accepts
 
     def pipeline(self, requested: list[UpdateTransform]) -> list[UpdateTransform]:
         """The transforms to apply: the policy's, in the policy's order (a requested one of the same kind
@@ -151,7 +149,8 @@ class ClientApp:
         count = 1 if self.policy.count_withheld else outcome.num_examples
         result = TrainResult(task.round, task.client_id, count, arrays, metrics, model_version=task.model_version)
         if "he" in task.config or "secagg" in task.config:
-            result = self.secure.seal(task, result, self._rounding(task))
+            result = self.secure.seal(task, result, self._rounding(task), self._generator(task, "share-noise"),
+                                      self.policy.share)
         if outcome.state or spent:  # keys this round did not touch are kept
             self.state.put(task.client_id, {**before, **outcome.state, **spent}, task.round)
             if self.commit_state:

@@ -4,7 +4,9 @@ The server is the party local DP and DP-SGD protect against, so the server canno
 counts what it released (in privacy counters of its state, which a checkpoint fallback never rolls back) and
 refuses the task that would take its own epsilon past its budget (``--client-budget``, from its own config).
 Under local DP a round is one Gaussian release of noise multiplier z/2 on sensitivity 2C (replace-one), with no
-amplification: the client knows it took part. Under DP-SGD a round is E * round(n/B) Poisson-sampled steps at
+amplification: the client knows it took part. Under distributed DP a round is the client's own noise share alone (a
+discrete Gaussian: the same zCDP as a Gaussian), at the least share its policy accepts, as if every other share were
+known to the server. Under DP-SGD a round is E * round(n/B) Poisson-sampled steps at
 rate B/n and noise multiplier z, as the DP-SGD hook counts them.
 """
 
@@ -15,16 +17,18 @@ from dataclasses import dataclass
 
 import torch
 
-from fedlearn.client.state import LOCAL_DP_RELEASES
-from fedlearn.errors import FedLearnError
+from fedlearn.client.state import DISTRIBUTED_DP_RELEASES, LOCAL_DP_RELEASES
+from fedlearn.errors import TaskRefused
 from fedlearn.protocol.messages import TrainTask
 
-MODES = ("local", "dpsgd")
-COUNTERS = {"local": LOCAL_DP_RELEASES, "dpsgd": "dpsgd_steps"}
+MODES = ("local", "dpsgd", "distributed")
+COUNTERS = {"local": LOCAL_DP_RELEASES, "dpsgd": "dpsgd_steps", "distributed": DISTRIBUTED_DP_RELEASES}
+PER_ROUND = ("local", "distributed")  # one Gaussian release per round, replace-one, no amplification
 
 
-class BudgetSpent(FedLearnError):
-    """The task would take this client's epsilon past its own budget."""
+class BudgetSpent(TaskRefused):
+    """The task would take this client's epsilon past its own budget: refused, as any task against its policy (a
+    simulation records the client as failed for the round and runs on)."""
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,7 @@ class ClientBudget:
 
     def releases(self, task: TrainTask, num_examples: int) -> tuple[float, int]:
         """(sampling rate, count) of the releases one round of ``task`` makes."""
-        if self.mode == "local":
+        if self.mode in PER_ROUND:
             return 1.0, 1
         from fedlearn.privacy.dpsgd import steps_per_round
 
@@ -67,7 +71,7 @@ class ClientBudget:
         from fedlearn.privacy.accountant import PrivacyAccountant  # dp-accounting only under DP
 
         z = self.noise_multiplier if noise_multiplier is None else noise_multiplier
-        z = z / 2 if self.mode == "local" else z
+        z = z / 2 if self.mode in PER_ROUND else z
         return PrivacyAccountant(noise_multiplier=z, sampling_rate=sampling_rate, delta=self.delta,
                                  kind=self.accountant).epsilon_after(count)
 
@@ -80,4 +84,4 @@ class ClientBudget:
             raise BudgetSpent(f"client {task.client_id}: round {task.round} would take its epsilon to {after:.3g}, "
                               f"past its own budget {self.epsilon:g} (--client-budget); it takes no more training "
                               "tasks in this run")
-        return {COUNTERS[self.mode]: torch.tensor(total, dtype=torch.int64)} if self.mode == "local" else {}
+        return {COUNTERS[self.mode]: torch.tensor(total, dtype=torch.int64)} if self.mode in PER_ROUND else {}

@@ -15,8 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedlearn.errors import ConfigError, InvalidUpdateError
+from fedlearn.errors import ConfigError, InvalidUpdateError, TaskRefused
 from fedlearn.privacy import sum_check
+from fedlearn.privacy.distributed import DiscreteGaussianEncoding, SharePolicy
+from fedlearn.privacy.dp import PrivacyRandom
 from fedlearn.privacy.secagg.client import SecAggClient, SecAggProtocolError
 from fedlearn.privacy.secagg.encoding import FixedPoint
 from fedlearn.protocol.codec import join_blob, split_blob
@@ -143,17 +145,37 @@ class SecureClients:
                                       "nothing more: generate new keys with `fedlearn he keygen`") from None
         return torch.from_numpy(total)
 
-    def seal(self, task: TrainTask, result: TrainResult, rounding: np.random.Generator) -> TrainResult:
-        """The payload that leaves the client: masked or encrypted when the task asks for it, else unchanged."""
+    def seal(self, task: TrainTask, result: TrainResult, rounding: np.random.Generator,
+             noise: PrivacyRandom | None = None, share_policy: SharePolicy | None = None) -> TrainResult:
+        """The payload that leaves the client: masked or encrypted when the task asks for it, else unchanged.
+
+        Under distributed DP (a ``ddgauss`` encoding) the client adds its noise share from ``noise``, after checking
+        the round against its own ``share_policy``; a client with such a policy refuses a round without noise.
+        """
         if "he" in task.config:
+            if share_policy is not None:
+                raise SecAggProtocolError("this client runs distributed DP, which needs secure aggregation, not --he")
             return self._encrypt(task, result, rounding)
         request = task.config.get("secagg")
         if request is None:
             return result
-        fixed_point = FixedPoint.from_dict(request["fixed_point"])
-        weight, extras = summed_weight_and_bits(request, result)
-        encoded = fixed_point.encode(joined_arrays(request, result), weight, extras, rounding)
-        masked, rejected = self._session(task).mask(request, encoded, fixed_point.bits)
+        doc = request["fixed_point"]
+        vector = joined_arrays(request, result)
+        if isinstance(doc, dict) and doc.get("kind") == "ddgauss":
+            encoding = DiscreteGaussianEncoding.from_dict(doc)
+            refusal = "this client has no distributed-DP policy" if share_policy is None else share_policy.check(
+                encoding, vector.shape[0])
+            if refusal is not None or noise is None:
+                raise SecAggProtocolError(f"round {task.round}: {refusal or 'no noise source'}; refusing the task")
+            encoded, bits = encoding.encode(vector, rounding, noise), encoding.bits
+        else:
+            if share_policy is not None:
+                raise SecAggProtocolError(f"round {task.round}: the server asked for a secure sum without this "
+                                          "client's distributed-DP noise share; refusing the task")
+            fixed_point = FixedPoint.from_dict(doc)
+            weight, extras = summed_weight_and_bits(request, result)
+            encoded, bits = fixed_point.encode(vector, weight, extras, rounding), fixed_point.bits
+        masked, rejected = self._session(task).mask(request, encoded, bits)
         signed = torch.from_numpy(masked.view(np.int32 if masked.dtype == np.uint32 else np.int64))
         # The sample count, loss and clip bit travel only inside the masked sum.
         return replace(result, num_examples=0, arrays={"masked": signed}, metrics={},
@@ -172,4 +194,8 @@ def joined_arrays(request: dict, result: TrainResult) -> np.ndarray:
     missing = [n for n in names if n not in result.arrays]
     if missing:
         raise InvalidUpdateError(f"secure sum needs array {missing[0]!r}, which local training did not produce")
-    return np.concatenate([result.arrays[n].double().reshape(-1).numpy() for n in names])
+    vector = np.concatenate([result.arrays[n].double().reshape(-1).numpy() for n in names])
+    if not np.isfinite(vector).all():  # no rounding maps NaN to an integer honestly: it would corrupt the sum
+        raise TaskRefused(f"client {result.client_id}: local training produced non-finite values in round "
+                          f"{result.round}; it sends nothing this round")
+    return vector

@@ -39,7 +39,9 @@ log = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
 LOCAL_DP_RELEASES = "ldp_releases"  # rounds a client released a local-DP update in (its own budget's count)
-PRIVACY_COUNTERS = frozenset({"dpsgd_steps", LOCAL_DP_RELEASES})  # privacy spent: a rollback keeps the highest
+DISTRIBUTED_DP_RELEASES = "ddp_releases"  # rounds a client added a distributed-DP noise share in
+# privacy spent: a rollback keeps the highest
+PRIVACY_COUNTERS = frozenset({"dpsgd_steps", LOCAL_DP_RELEASES, DISTRIBUTED_DP_RELEASES})
 VERSIONS_KEPT = KEEP + 1  # a deployed client's versions: the server's kept checkpoints plus the round in flight
 _FILE_RE = re.compile(r"^([0-9a-f]{32})-(0|[1-9][0-9]*)\.pt$")
 _TMP_RE = re.compile(r"^[0-9a-f]{32}-[0-9]+\.pt\..*\.tmp$")

@@ -18,7 +18,7 @@ from fedlearn.protocol.messages import MAX_EXAMPLES_PER_CLIENT
 from fedlearn.server.influence import DEFAULT_FACTOR
 
 EVALUATIONS = ("centralized", "federated", "both")
-DP_MODES = ("none", "central", "local", "dpsgd")
+DP_MODES = ("none", "central", "local", "dpsgd", "distributed")
 ACCOUNTANTS = ("rdp", "pld")
 TARGET_MODES = ("calibrate", "stop")
 SECURE_MODES = ("none", "secagg", "secagg+")
@@ -227,16 +227,17 @@ class RunConfig(TrainingKeys):
         return self
 
     def _validate_dp(self) -> None:
-        if self.client_budget is not None and self.dp not in ("local", "dpsgd"):
-            raise ConfigError("--client-budget is a client's own epsilon budget under --dp local or dpsgd; under "
+        if self.client_budget is not None and self.dp not in ("local", "dpsgd", "distributed"):
+            raise ConfigError("--client-budget is a client's own epsilon budget under --dp local, dpsgd or "
+                              "distributed; under "
                               f"--dp {self.dp} use --target-epsilon")
         if self.dp == "none":
             return
         if self.algorithm == "fedsgd":
             raise ConfigError("--dp works with algorithms whose clients send model updates; --algorithm fedsgd "
                               "sends gradients, whose clipping this DP accounting does not cover")
-        if self.dp in ("local", "dpsgd") and (self.target_epsilon is not None and self.target_mode == "stop"
-                                              or self.adaptive_clip_quantile is not None):
+        stops = self.target_epsilon is not None and self.target_mode == "stop"
+        if self.dp in ("local", "dpsgd", "distributed") and (stops or self.adaptive_clip_quantile is not None):
             raise ConfigError(f"--dp {self.dp} supports --target-mode calibrate only, without --adaptive-clip-quantile")
         if self.evaluation != "centralized":
             raise ConfigError(f"--dp {self.dp} with --evaluation {self.evaluation}: each client would send its test "
@@ -251,6 +252,9 @@ class RunConfig(TrainingKeys):
         if (self.secure_aggregation != "none" or self.he != "none") and self.dp == "dpsgd":
             raise ConfigError("--dp dpsgd keeps a per-client accountant from each client's sample count, which "
                               "secure aggregation hides; use --dp central or local with it")
+        if self.dp == "distributed" and (self.secure_aggregation == "none" or self.he != "none"):
+            raise ConfigError("--dp distributed adds each client's noise share inside a secure sum: give it "
+                              "--secure-aggregation secagg or secagg+ (not --he)")
         if self.secure_aggregation != "none":
             if not (0.5 < self.secagg_threshold < 1 or (self.secagg_threshold >= 2 and
                                                          float(self.secagg_threshold).is_integer())):

@@ -26,6 +26,7 @@ from fedlearn.data.datasets import partition_labels
 from fedlearn.data.partition import natural_group_count
 from fedlearn.errors import ConfigError
 from fedlearn.models import build_model
+from fedlearn.privacy.distributed import SharePolicy
 from fedlearn.privacy.dpsgd import DPSGDHook
 from fedlearn.protocol.local import LocalConfig, TrainingKeys
 from fedlearn.protocol.params import ModelVector, ParamSpec
@@ -163,6 +164,10 @@ def resolve_privacy(config: RunConfig, examples: int | None = None) -> RunConfig
             config.target_epsilon, sampling_rate=1.0, steps=config.rounds, delta=delta, kind=config.accountant)
     elif config.target_epsilon is not None and config.dp == "dpsgd":
         pass  # each client calibrates its own noise from its own data size (DPSGDHook.noise_for)
+    elif config.target_epsilon is not None and config.dp == "distributed":
+        from fedlearn.privacy.distributed import calibrate  # its own accountant: the discrete sum's zCDP bound
+
+        changes["noise_multiplier"] = calibrate(config.target_epsilon, config.fraction, config.rounds, delta)
     elif config.target_epsilon is not None and config.target_mode == "calibrate":
         changes["noise_multiplier"] = calibrate_noise_multiplier(
             config.target_epsilon, sampling_rate=config.fraction, steps=config.rounds, delta=delta,
@@ -220,6 +225,12 @@ def strategy_for(config: RunConfig, clients: Mapping[str, ClientData] | None = N
         return DPSGD(strategy, clip_norm=config.clip_norm, noise_multiplier=config.noise_multiplier,
                      delta=config.delta, accountant=config.accountant, counts=counts,
                      target_epsilon=config.target_epsilon, rounds=config.rounds)
+    if config.dp == "distributed":
+        from fedlearn.strategies.distributed_dp import DistributedDP
+
+        return DistributedDP(strategy, clip_norm=config.clip_norm, noise_multiplier=config.noise_multiplier,
+                             delta=config.delta, population=config.clients,
+                             seeded=privacy_seed(config, "distributed-dp"))
     if config.dp == "local":
         return LocalDP(strategy, clip_norm=config.clip_norm, noise_multiplier=config.noise_multiplier,
                        delta=config.delta, accountant=config.accountant)
@@ -256,14 +267,27 @@ def client_policy(config: RunConfig) -> ClientPolicy:
                                           target_epsilon=config.target_epsilon, rounds=config.rounds))
         return ClientPolicy(hooks={"dpsgd": hook}, withheld=UNNOISED_METRICS, budget=client_budget(config),
                             count_withheld=True)
+    if config.dp == "distributed":
+        config = resolve_privacy(config)
+        share = SharePolicy(config.clip_norm, min_share_noise(config))
+        return ClientPolicy([Clip(Clip.Config(config.clip_norm))], withheld=UNNOISED_METRICS, share=share,
+                            budget=client_budget(config))
     return ClientPolicy()  # central DP trusts the server, which clips again (adaptively, when asked) and noises
+
+
+def min_share_noise(config: RunConfig) -> float:
+    """The least noise share (over the integer sensitivity) a distributed-DP client accepts: its part of the total
+    noise z were twice the expected clients of a round (fraction x clients) honest, so that Poisson sampling's
+    larger rounds are not refused."""
+    return config.noise_multiplier / math.sqrt(2 * max(1.0, config.fraction * config.clients))
 
 
 def client_budget(config: RunConfig) -> ClientBudget | None:
     """The client's own budget from its own (privacy-resolved) config, or None without --client-budget."""
     if config.client_budget is None:
         return None
-    return ClientBudget(config.client_budget, config.delta, config.dp, config.noise_multiplier, config.accountant,
+    noise = min_share_noise(config) if config.dp == "distributed" else config.noise_multiplier
+    return ClientBudget(config.client_budget, config.delta, config.dp, noise, config.accountant,
                         target_epsilon=config.target_epsilon if config.dp == "dpsgd" else None, rounds=config.rounds)
 
 
@@ -289,7 +313,7 @@ def secure_round(config: RunConfig, strategy: Strategy,
             raise ConfigError("--secure-aggregation or --he with remote clients needs --secagg-max-weight: the "
                               "largest sample count any client may hold")
         max_weight = max(len(c.train) for c in clients.values())
-    clip = config.secagg_clip or (config.clip_norm if config.dp in ("central", "local") else 1.0)
+    clip = config.secagg_clip or (config.clip_norm if config.dp in ("central", "local", "distributed") else 1.0)
     if config.he == "ckks":
         return HomomorphicRound(str(Path(config.he_keys) / "public.ctx"), config.he_key_holder, clip=clip,
                                 max_weight=max_weight, bits=min(config.secagg_bits, HE_BITS))

@@ -2,9 +2,9 @@
 
 The model and the noised aggregate are covered. The statistics below are exact functions of clients' data that no
 noise touches, so a DP run does not publish them (the operator's own log still shows its server's view):
-- central DP: the mean train loss, and who and how many took part, with what counts it (bytes moved, a round's
-  seconds): add/remove-one adjacency makes the realised count sensitive, and DP-FedAvg divides by the expected
-  count to hide it;
+- central and distributed DP: the mean train loss, and who and how many took part, with what counts it (bytes
+  moved, a round's seconds): add/remove-one adjacency makes the realised count sensitive, and DP-FedAvg divides by
+  the expected count to hide it;
 - local DP and DP-SGD: the mean train loss;
 - every DP mode: the per-client label histograms of a simulation's partition.
 """
@@ -20,7 +20,8 @@ from fedlearn.run.config import RunConfig
 PARTICIPATION = ("clients_sampled", "clients_succeeded", "failed_clients", "fed_failed_clients", "updates_scaled",
                  "updates_refused", "bytes_up", "bytes_down", "seconds")
 SUMMARY_PARTICIPATION = ("bytes_up", "bytes_down", "round_seconds")
-WITHHELD = {"central": ("train_loss", *PARTICIPATION), "local": ("train_loss",), "dpsgd": ("train_loss",)}
+WITHHELD = {"central": ("train_loss", *PARTICIPATION), "distributed": ("train_loss", *PARTICIPATION),
+            "local": ("train_loss",), "dpsgd": ("train_loss",)}
 LABEL_HISTOGRAMS = ("label_counts", "test_label_counts")
 
 
@@ -46,7 +47,7 @@ def public_summary(summary: dict[str, Any], config: RunConfig) -> dict[str, Any]
     DP it also drops the totals that count participation (bytes, round seconds)."""
     if config.dp == "none":
         return summary
-    dropped = SUMMARY_PARTICIPATION if config.dp == "central" else ()
+    dropped = SUMMARY_PARTICIPATION if config.dp in ("central", "distributed") else ()
     out = {k: v for k, v in summary.items() if k not in dropped}
     out["epsilon_covers"] = "the model and every published metric; unnoised statistics are not published"
     out["not_published"] = [*withheld(config), *dropped, "partition label histograms"]

@@ -132,10 +132,13 @@ class SecureAggregationRound:
         uniform = strategy.weighting == "uniform"
         extras = tuple(strategy.secure_extras)
         length = sum(strategy.expected_arrays(loop.state).values())
-        fixed_point = FixedPoint(s.bits, s.clip, len(ids), 1 if uniform else s.max_weight, length,
-                                 extras=1 + len(extras))
         degree, share_threshold = s.graph(len(ids))
         threshold = max(2, min(resolve_threshold(s.threshold, len(ids)), len(ids)))
+        fixed_point = strategy.hidden_sum_encoding(rnd, ids, length, bits=s.bits, threshold=threshold,
+                                                   corrupt=s.corrupt)
+        if fixed_point is None:
+            fixed_point = FixedPoint(s.bits, s.clip, len(ids), 1 if uniform else s.max_weight, length,
+                                     extras=1 + len(extras))
         server = SecAggServer(rnd, ids, fixed_point, threshold=threshold, degree=degree,
                               share_threshold=share_threshold,
                               seed=derive_seed(seed, rnd, "secagg-graph") if s.seeded else None)

@@ -218,6 +218,12 @@ class Strategy:
         return [TrainTask(rnd, cid, arrays, {**shared, "seed": derive_seed(seed, rnd, cid),
                                              **self.client_config(rnd, cid)}, state.version) for cid in client_ids]
 
+    def hidden_sum_encoding(self, rnd: int, client_ids: Sequence[str], length: int, *, bits: int, threshold: int,
+                            corrupt: float) -> Any | None:
+        """How clients encode into a secure sum when the strategy needs more than SecAgg's fixed point (distributed
+        DP's noise shares), or None for the fixed point."""
+        return None
+
     def expected_arrays(self, state: ServerState) -> dict[str, int]:
         """Each uplink array's length, for validating results and sizing uploads."""
         return {name: state.weights.numel() for name in self.uplink}

@@ -48,6 +48,11 @@ class FixedPoint:
         return 1 << self.bits
 
     @property
+    def size(self) -> int:
+        """Integers each client masks: the update and its counts."""
+        return self.length + self.extras
+
+    @property
     def levels(self) -> int:
         """Quantization steps per coordinate: the sum of ``clients`` values in [0, levels] stays below 2^bits."""
         return (self.modulus - 1) // self.clients

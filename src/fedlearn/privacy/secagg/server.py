@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,6 +18,9 @@ from fedlearn.privacy.secagg import crypto, shamir
 from fedlearn.privacy.secagg.client import b64, pair_mask, unb64
 from fedlearn.privacy.secagg.encoding import FixedPoint
 from fedlearn.privacy.secagg.graph import neighbour_graph
+
+if TYPE_CHECKING:
+    from fedlearn.privacy.distributed import DiscreteGaussianEncoding
 
 
 class SecAggAborted(FedLearnError):
@@ -38,8 +41,9 @@ def resolve_threshold(threshold: float, num_clients: int) -> int:
 class SecAggServer:
     """One round. Stages: advertised -> shared -> masked inputs (add_input) -> unmask -> the sum."""
 
-    def __init__(self, round: int, client_ids: Sequence[str], fixed_point: FixedPoint, *, threshold: int,
-                 degree: int | None = None, share_threshold: int | None = None, seed: int | None = None) -> None:
+    def __init__(self, round: int, client_ids: Sequence[str], fixed_point: FixedPoint | DiscreteGaussianEncoding, *,
+                 threshold: int, degree: int | None = None, share_threshold: int | None = None,
+                 seed: int | None = None) -> None:
         if 2 * threshold <= len(client_ids) or threshold < 2:
             raise FedLearnError(f"secure aggregation threshold {threshold} of {len(client_ids)} clients: it must be "
                                 "at least 2 and more than half of them")
@@ -109,7 +113,7 @@ class SecAggServer:
         """Keep one masked input (all are kept: a sender found to have tampered is removed later)."""
         if client_id not in self.relay:
             raise SecAggAborted(f"masked input from {client_id}, which did not share keys this round")
-        expected = self.fixed_point.length + self.fixed_point.extras
+        expected = self.fixed_point.size
         dtype = crypto.mask_dtype(self.fixed_point.bits)
         if masked.shape != (expected,) or masked.dtype != dtype:
             raise ValueError(f"masked input from {client_id} has shape {masked.shape} and dtype {masked.dtype}; "
@@ -132,7 +136,7 @@ class SecAggServer:
         responders = [v for v in self.survivors if v in replies]
         self._require(responders, "unmasking")
         fp = self.fixed_point
-        length = fp.length + fp.extras
+        length = fp.size
         dtype = crypto.mask_dtype(fp.bits)
         total = np.zeros(length, dtype=dtype)
         for cid in self.survivors:
